@@ -1,0 +1,1 @@
+"""Toolbox-agnostic GRPO-RM core: plain torch, no OpenMMLab imports."""

@@ -1,0 +1,1 @@
+"""Datasets, dataset wrappers and on-disk writers."""

@@ -1,0 +1,2 @@
+"""Registered engine components (optimizer wrappers, hooks)."""
+from . import optim_wrappers  # noqa: F401

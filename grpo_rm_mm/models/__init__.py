@@ -1,0 +1,5 @@
+"""Registered model components (heads, losses, rewards)."""
+from . import rewards  # noqa: F401
+from . import losses  # noqa: F401
+from . import grpo_inner  # noqa: F401
+from .heads import cls_head, decode_head  # noqa: F401

@@ -1,0 +1,1 @@
+"""Backbones used by the demos."""

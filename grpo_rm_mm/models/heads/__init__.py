@@ -1,0 +1,1 @@
+"""GRPO-RM heads for mmpretrain and mmseg."""

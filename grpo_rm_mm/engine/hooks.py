@@ -1,0 +1,34 @@
+"""Registered hooks."""
+from __future__ import annotations
+
+import os
+import os.path as osp
+
+import numpy as np
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+from ..datasets.writers import save_voc_mask
+
+
+@HOOKS.register_module()
+class SegPalettePredictionHook(Hook):
+    """Write every test prediction of an mmseg model as a VOC-palette PNG.
+
+    ``tools/test.py --out DIR`` adds this hook. File names follow the input images
+    (``<stem>.png``); label values are class indices, shown in the Pascal VOC colours.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def before_test(self, runner) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+
+    def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        for sample in outputs or []:
+            pred = sample.pred_sem_seg.data.squeeze(0).cpu().numpy()
+            if pred.max(initial=0) > 255:
+                raise ValueError(f'cannot write {pred.max()} classes into an 8-bit PNG')
+            stem = osp.splitext(osp.basename(sample.img_path))[0]
+            save_voc_mask(pred.astype(np.uint8), osp.join(self.out_dir, f'{stem}.png'))

@@ -1,0 +1,49 @@
+"""Shared start-up for ``tools/train.py`` and ``tools/test.py`` (mmpretrain and mmseg configs)."""
+from __future__ import annotations
+
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+__all__ = ['DictAction', 'load_config', 'enable_amp', 'build_runner']
+
+_AMP_TYPES = {'OptimWrapper': 'AmpOptimWrapper', 'GRPOOptimWrapper': 'GRPOAmpOptimWrapper'}
+
+
+def load_config(path: str, cfg_options: dict | None, launcher: str,
+                work_dir: str | None) -> Config:
+    """Read a config, apply ``--cfg-options``/``--launcher``/``--work-dir`` like the toolboxes."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file {path!r} does not exist; pass the path of a '
+                                f'config, e.g. configs/grpo_rm_voc.py')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    return cfg
+
+
+def enable_amp(cfg: Config) -> None:
+    """``--amp``: switch the optimizer wrapper to its AMP version with a dynamic loss scale."""
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper in _AMP_TYPES.values():
+        print(f'AMP is already on ({wrapper}); --amp changes nothing.')
+        return
+    if wrapper not in _AMP_TYPES:
+        raise ValueError(f'--amp supports optim_wrapper types {sorted(_AMP_TYPES)}, '
+                         f'got {wrapper!r}; set an AMP wrapper in the config instead')
+    cfg.optim_wrapper.type = _AMP_TYPES[wrapper]
+    cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+
+def build_runner(cfg: Config) -> Runner:
+    """Build the runner the config asks for (``runner_type``), else mmengine's Runner."""
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)

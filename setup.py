@@ -10,7 +10,8 @@ HERE = Path(__file__).parent
 def requirements(name: str) -> list[str]:
     """Requirement lines of requirements/<name>.txt, without comments."""
     lines = (HERE / 'requirements' / f'{name}.txt').read_text().splitlines()
-    return [re.sub(r'\s+#.*', '', ln).strip() for ln in lines if ln.strip() and not ln.startswith('#')]
+    return [re.sub(r'\s+#.*', '', ln).strip() for ln in lines
+            if ln.strip() and not ln.startswith('#')]
 
 
 version = re.search(r"__version__ = '([^']+)'",

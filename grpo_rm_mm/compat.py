@@ -169,21 +169,84 @@ def patch_ddp_device_ids_on_cpu() -> bool:
     return True
 
 
-def _destroy_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        with contextlib.suppress(Exception):
-            torch.distributed.destroy_process_group()
+def _destroy_process_group(timeout_s: float = 120.0) -> None:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    # Wait for every rank before tearing gloo down: a rank that destroys its process group while
+    # another still finishes its last collective is what aborts. monitored_barrier has a timeout,
+    # so a rank whose peer died does not hang here (torchrun stops it anyway).
+    with contextlib.suppress(Exception):
+        if torch.distributed.get_backend() == 'gloo':
+            import datetime
+            torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            torch.distributed.barrier()
+    with contextlib.suppress(Exception):
+        torch.distributed.destroy_process_group()
 
 
 @_once
 def patch_gloo_teardown() -> bool:
     """mmengine never calls ``destroy_process_group``; after a successful gloo run a worker
     sometimes dies at interpreter exit with ``terminate called without an active exception``
-    (SIGABRT), and torchrun then reports ``ChildFailedError`` (4 of 21 runs in the findings).
+    (SIGABRT), and torchrun then reports ``ChildFailedError`` (4 of 21 runs in the findings;
+    seen here too on torch 2.14.1).
 
-    Fix: destroy the process group at exit (a no-op when none was created).
+    Fix: at exit, wait for all ranks (a barrier with a timeout), then destroy the process group.
+    A no-op when no process group was created.
     """
     atexit.register(_destroy_process_group)
+    return True
+
+
+def _has_accelerator() -> bool:
+    from mmengine.device import (
+        is_cuda_available,
+        is_mlu_available,
+        is_musa_available,
+        is_npu_available,
+    )
+    return (is_cuda_available() or is_npu_available() or is_mlu_available()
+            or is_musa_available())
+
+
+@_once
+def patch_amp_optim_wrapper_on_cpu() -> bool:
+    """mmengine's ``AmpOptimWrapper`` (what ``tools/train.py --amp`` selects) refuses CPUs::
+
+        AssertionError: ``AmpOptimizerWrapper`` is only available training on gpu, npu, mlu
+        or musa
+
+    although ``mmengine.runner.amp.autocast`` supports CPU autocast in bfloat16. Fix: without an
+    accelerator, build it with ``cast_dtype=torch.bfloat16`` and a disabled ``GradScaler``
+    (bfloat16 has float32's exponent range, so it needs no loss scaling); asking for float16 on
+    CPU raises a clear error. On GPUs nothing changes.
+    """
+    if _has_accelerator():
+        return False
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper
+
+    if getattr(AmpOptimWrapper.__init__, '_grpo_rm_cpu', False):
+        return False
+    original_init = AmpOptimWrapper.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, loss_scale='dynamic', dtype=None, use_fsdp: bool = False, **kwargs):
+        if _has_accelerator():
+            return original_init(self, loss_scale=loss_scale, dtype=dtype, use_fsdp=use_fsdp,
+                                 **kwargs)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, dtype)
+        if dtype not in (None, torch.bfloat16):
+            raise ValueError(f'AMP on CPU runs in bfloat16 only; got dtype={dtype!r}. Use '
+                             f"dtype='bfloat16' (or leave it unset), or train on a GPU.")
+        OptimWrapper.__init__(self, **kwargs)
+        self._scale_update_param = None
+        self.loss_scaler = torch.amp.GradScaler('cpu', enabled=False)
+        self.cast_dtype = torch.bfloat16
+
+    __init__._grpo_rm_cpu = True  # type: ignore[attr-defined]
+    AmpOptimWrapper.__init__ = __init__
     return True
 
 
@@ -278,6 +341,7 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     patch_dist_init_without_cuda,
     patch_ddp_device_ids_on_cpu,
     patch_gloo_teardown,
+    patch_amp_optim_wrapper_on_cpu,
     patch_mmcv_adjust_hue_numpy2,
     patch_numpy_in1d_removed,
 )

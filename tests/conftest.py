@@ -1,0 +1,58 @@
+"""Shared fixtures: run the project's tools the way a user does (subprocesses)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_CONFIGS = REPO / 'tests' / 'fixtures' / 'configs'
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """Environment for a tool subprocess: this interpreter, the repo on PYTHONPATH, 1 thread."""
+    env = dict(os.environ)
+    env['PYTHON'] = sys.executable
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
+    env.setdefault('OMP_NUM_THREADS', '1')
+    env['PYTHONUNBUFFERED'] = '1'
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_cmd(cmd: list[str], cwd: Path | None = None, check: bool = True, timeout: int = 600,
+            **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd``; on an unexpected exit code fail with the tail of its output."""
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=tool_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        out = (proc.stdout + proc.stderr)[-6000:]
+        pytest.fail(f'{" ".join(map(str, cmd))} exited {proc.returncode}:\n{out}')
+    return proc
+
+
+@pytest.fixture
+def run_tool() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_tool('train.py', CONFIG, '--work-dir', D)``, ``run_tool('dist_train.sh', ...)``."""
+
+    def run(tool: str, *args: object, check: bool = True, **env: str):
+        path = REPO / 'tools' / tool
+        if tool.endswith('.sh'):
+            env.setdefault('PORT', str(free_port()))
+            cmd = ['bash', str(path)]
+        else:
+            cmd = [sys.executable, str(path)]
+        return run_cmd(cmd + [str(a) for a in args], check=check, **env)
+
+    return run

@@ -26,7 +26,7 @@ pip=("$py" -m pip install --disable-pip-version-check -q -c requirements/lock.tx
 say "1/5 torch, torchvision and build tools"
 "${pip[@]}" -r requirements/build.txt
 
-say "2/5 mmcv 2.1.0 with compiled ops (first time ~10 min; then pip's wheel cache)"
+say "2/5 mmcv 2.1.0 with compiled ops (first build ~4-5 min on 2 cores, then from pip's wheel cache)"
 if ! "$py" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
   # tools/build/cxx20-g++: torch 2.14's headers need C++20, mmcv's setup.py forces -std=c++17.
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} CFLAGS=-g0 \

@@ -1,1 +1,99 @@
-"""(being written)"""
+"""Per-output rewards of GRPO-RM (method.md section 2). Plain torch.
+
+Every reward has the same signature ``reward(probs, labels, valid=None) -> (N, C)``:
+
+- ``probs``: (N, C) old-policy probabilities ``pi_old`` (treated as constants: detached here);
+- ``labels``: (N,) int64 true class of each query, in [0, C) where valid;
+- ``valid``: optional (N,) bool mask; invalid rows get reward 0 and their labels are not read.
+
+A reward is a float tensor (N, C) in the dtype of ``probs``; ``r[q, i]`` rewards output o_i of
+query q. Rewards are combined linearly (``w_acc * r_acc + w_uni * r_uni + ...``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+RewardFn = Callable[..., Tensor]
+
+__all__ = ['RewardFn', 'accuracy_reward', 'check_reward_inputs', 'confidence_penalty_reward',
+           'uniformity_reward']
+
+
+def check_reward_inputs(probs: Tensor, labels: Tensor,
+                        valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Validate ``probs`` (N, C), ``labels`` (N,), ``valid`` (N,) bool.
+
+    Returns ``(labels_safe, valid)``: labels with invalid rows replaced by 0 (so they can be
+    gathered) and the full bool mask. Raises ValueError naming the bad value.
+    """
+    if not torch.is_tensor(probs) or probs.ndim != 2:
+        shape = tuple(probs.shape) if torch.is_tensor(probs) else type(probs).__name__
+        raise ValueError(f'rewards expect probs of shape (N, C), got {shape}')
+    n, c = probs.shape
+    if c < 2:
+        raise ValueError(f'rewards need a group of C >= 2 outputs, got C={c}')
+    if not probs.is_floating_point():
+        raise ValueError(f'probs must be floating point, got dtype {probs.dtype}')
+    if not torch.is_tensor(labels) or tuple(labels.shape) != (n, ):
+        shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise ValueError(f'labels must have shape (N,)=({n},) to match probs {tuple(probs.shape)}'
+                         f', got {shape}')
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f'labels must be integer class indices, got dtype {labels.dtype}')
+    if valid is None:
+        valid = torch.ones(n, dtype=torch.bool, device=probs.device)
+    elif tuple(valid.shape) != (n, ) or valid.dtype != torch.bool:
+        raise ValueError(f'valid must be a bool tensor of shape ({n},), got '
+                         f'{tuple(valid.shape)} {valid.dtype}')
+    bad = valid & ((labels < 0) | (labels >= c))
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        raise ValueError(f'label {int(labels[idx])} at query {idx} is outside [0, C={c}); '
+                         f'fix the labels or the number of classes, or mask the query out')
+    return torch.where(valid, labels, torch.zeros_like(labels)).long(), valid
+
+
+def _one_hot(labels: Tensor, c: int, like: Tensor) -> Tensor:
+    return torch.nn.functional.one_hot(labels, c).to(dtype=like.dtype)
+
+
+def accuracy_reward(probs: Tensor, labels: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``r_i = 1[o_i == y]`` (one-hot of the true class); ``probs`` only sets N, C, dtype."""
+    labels, valid = check_reward_inputs(probs, labels, valid)
+    r = _one_hot(labels, probs.shape[1], probs)
+    return r * valid.unsqueeze(1).to(r.dtype)
+
+
+def uniformity_reward(probs: Tensor, labels: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``r_i = -(p_i / (1 - p_y) - 1/(C-1))`` for ``i != y``, ``r_y = 0`` (p = pi_old).
+
+    ``1 - p_y`` is computed as the wrong-class mass ``sum_{j != y} p_j`` (equal for a
+    distribution, without cancellation as p_y -> 1), so ``p_i / (1 - p_y)`` lies in [0, 1].
+    When that mass is exactly 0 (p_y == 1) the wrong classes count as uniform: reward 0.
+    Values lie in [-(C-2)/(C-1), 1/(C-1)] and sum to 0 over the wrong classes.
+    """
+    labels, valid = check_reward_inputs(probs, labels, valid)
+    c = probs.shape[1]
+    p = probs.detach()
+    is_y = _one_hot(labels, c, p).bool()
+    wrong = p.masked_fill(is_y, 0.0).clamp_min(0.0)
+    mass = wrong.sum(dim=1, keepdim=True)
+    uniform = 1.0 / (c - 1)
+    share = torch.where(mass > 0, wrong / mass.clamp_min(torch.finfo(p.dtype).tiny),
+                        torch.full_like(wrong, uniform))
+    r = -(share - uniform)
+    r = r.masked_fill(is_y, 0.0)
+    return r * valid.unsqueeze(1).to(r.dtype)
+
+
+def confidence_penalty_reward(probs: Tensor, labels: Tensor,
+                              valid: Tensor | None = None) -> Tensor:
+    """``r_i = -p_i`` for ``i != y``, ``r_y = 0``: penalise confidence in wrong classes."""
+    labels, valid = check_reward_inputs(probs, labels, valid)
+    p = probs.detach()
+    is_y = _one_hot(labels, p.shape[1], p).bool()
+    r = (-p).masked_fill(is_y, 0.0)
+    return r * valid.unsqueeze(1).to(r.dtype)

@@ -1,1 +1,195 @@
-"""(being written)"""
+"""Registered GRPO-RM loss: the OpenMMLab face of :func:`grpo_rm_mm.core.grpo_rm_loss`.
+
+Usable as
+
+- an mmpretrain head loss: ``loss=dict(type='GRPORMLoss')``, called as
+  ``loss(cls_score (N, C), target (N,), avg_factor=N)``;
+- an mmseg ``loss_decode`` entry of any decode head (e.g. ``FCNHead``), called as
+  ``loss(seg_logits (N, C, H, W), seg_label (N, H, W), weight=seg_weight, ignore_index=255)``:
+  every labelled pixel is a query with its own group of C classes.
+
+The GRPO-RM heads also pass ``old_logits``/``ref_logits`` (pi_old / pi_ref, same shape as the
+prediction); a foreign head passes neither, so there pi_old is the current prediction detached
+(ratio 1: exactly the first GRPO update of each batch) and beta must be 0.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from mmengine.registry import MODELS
+from torch import Tensor, nn
+
+from ..core.advantages import check_advantage_options
+from ..core.objective import grpo_rm_loss
+from .rewards import build_reward
+
+__all__ = ['GRPORMLoss']
+
+DEFAULT_REWARDS = (dict(type='AccuracyReward', weight=1.0),
+                   dict(type='UniformityReward', weight=1.0))
+
+_KNOWN_IGNORED_KWARGS = ('reduction_override', )
+
+
+def _flatten_dense(x: Tensor) -> Tensor:
+    """(N, C, *S) -> (N * prod(S), C)."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+@MODELS.register_module()
+class GRPORMLoss(nn.Module):
+    """GRPO-RM loss ``mean_{valid q} w_q (-surr_q + beta KL_q)`` (method.md sections 2-4).
+
+    Args:
+        rewards: reward configs (or callables ``fn(probs, labels) -> (N, C)``), summed.
+        clip_eps: PPO clip range (0.2). beta: weight of the exact KL to pi_ref (0).
+        adv_std: 'population' or 'unbiased' std of the group. adv_eps: added to the std.
+        adv_scale: 'std' (GRPO) or 'none' (Dr.GRPO: mean-centred only).
+        loss_weight: multiplies the loss.
+        ignore_index: label of unlabelled pixels (255), used for dense (N, C, H, W)
+            predictions; for (N, C) predictions only an ``ignore_index`` passed to ``forward``
+            applies (so class 255 of a 1000-class dataset stays a class).
+        loss_name: key of the loss in the head's loss dict; must start with ``loss_``.
+        log_diagnostics: push ``train/grpo_*`` scalars to mmengine's MessageHub after each
+            call (for foreign heads; GRPO-RM heads set False and merge ``last_diagnostics``).
+
+    ``avg_factor`` is accepted and ignored: the loss is already a mean over valid queries.
+    After each call, ``last_diagnostics`` holds detached scalars (see ``grpo_rm_loss``).
+    """
+
+    def __init__(self, rewards: Sequence[dict | Callable] | dict | None = DEFAULT_REWARDS,
+                 clip_eps: float = 0.2, beta: float = 0.0, adv_std: str = 'population',
+                 adv_eps: float = 1e-6, adv_scale: str = 'std', loss_weight: float = 1.0,
+                 ignore_index: int | None = 255, loss_name: str = 'loss_grpo',
+                 log_diagnostics: bool = True) -> None:
+        super().__init__()
+        for name, value, low in (('clip_eps', clip_eps, 'gt'), ('beta', beta, 'ge'),
+                                 ('loss_weight', loss_weight, 'ge')):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or (value <= 0 if low == 'gt' else value < 0):
+                bound = '> 0' if low == 'gt' else '>= 0'
+                raise ValueError(f'GRPORMLoss: {name}={value!r} must be a finite number {bound}')
+        check_advantage_options(adv_std, adv_eps, adv_scale)
+        if not isinstance(loss_name, str) or not loss_name.startswith('loss_'):
+            raise ValueError(f'GRPORMLoss: loss_name={loss_name!r} must start with "loss_" '
+                             f'(mmengine only sums and backpropagates keys containing "loss")')
+        if ignore_index is not None and (isinstance(ignore_index, bool)
+                                         or not isinstance(ignore_index, int)):
+            raise ValueError(f'GRPORMLoss: ignore_index={ignore_index!r} must be an int or None')
+        if rewards is None or isinstance(rewards, dict) or callable(rewards):
+            rewards = [rewards] if rewards is not None else []
+        self.reward_fns = [build_reward(r) for r in rewards]
+        if not self.reward_fns:
+            raise ValueError('GRPORMLoss: rewards is empty; give at least one, e.g. '
+                             "[dict(type='AccuracyReward'), dict(type='UniformityReward')]")
+        weights = [getattr(r, 'weight', None) for r in self.reward_fns]
+        if all(w is not None and w == 0 for w in weights):
+            raise ValueError('GRPORMLoss: every reward weight is 0, so the loss would be '
+                             'identically 0; give at least one reward a positive weight')
+        self.clip_eps = float(clip_eps)
+        self.beta = float(beta)
+        self.adv_std = adv_std
+        self.adv_eps = float(adv_eps)
+        self.adv_scale = adv_scale
+        self.loss_weight = float(loss_weight)
+        self.ignore_index = ignore_index
+        self._loss_name = loss_name
+        self.log_diagnostics = bool(log_diagnostics)
+        self.last_diagnostics: dict[str, Tensor] = {}
+        self._warned_kwargs: set[str] = set()
+
+    @property
+    def loss_name(self) -> str:
+        """Name of the loss in the loss dict (mmseg reads it)."""
+        return self._loss_name
+
+    def extra_repr(self) -> str:
+        return (f'rewards={self.reward_fns}, clip_eps={self.clip_eps}, beta={self.beta}, '
+                f'adv_std={self.adv_std!r}, adv_eps={self.adv_eps}, '
+                f'adv_scale={self.adv_scale!r}, loss_weight={self.loss_weight}, '
+                f'ignore_index={self.ignore_index}')
+
+    def _rewards(self, probs: Tensor, labels: Tensor) -> Tensor:
+        total = torch.zeros_like(probs)
+        for fn in self.reward_fns:
+            total = total + fn(probs, labels)
+        return total
+
+    def _as_queries(self, pred: Tensor, target: Tensor, weight: Tensor | None,
+                    old_logits: Tensor | None, ref_logits: Tensor | None):
+        """Flatten (N, C, H, W) predictions into (N*H*W, C) queries; check the shapes."""
+        if not torch.is_tensor(pred) or pred.ndim < 2:
+            raise ValueError(f'GRPORMLoss: pred must be (N, C) or (N, C, H, W) logits, got '
+                             f'{getattr(pred, "shape", type(pred).__name__)}')
+        if not torch.is_tensor(target):
+            raise ValueError(f'GRPORMLoss: target must be a tensor, got {type(target).__name__}')
+        for name, other in (('old_logits', old_logits), ('ref_logits', ref_logits)):
+            if other is not None and tuple(other.shape) != tuple(pred.shape):
+                raise ValueError(f'GRPORMLoss: {name} of shape {tuple(other.shape)} do not match '
+                                 f'pred of shape {tuple(pred.shape)}')
+        if pred.ndim == 2:
+            if target.ndim == 2:
+                raise ValueError(
+                    f'GRPORMLoss needs hard labels of shape ({pred.shape[0]},), got a target of '
+                    f'shape {tuple(target.shape)} (soft/one-hot scores, e.g. from Mixup/CutMix '
+                    f'batch augments): remove train_cfg.augments / use hard labels')
+            if weight is not None and weight.ndim == 2 and weight.shape[1] == pred.shape[1]:
+                raise ValueError(f'GRPORMLoss: weight must be per query ({pred.shape[0]},), '
+                                 f'got per-class weights {tuple(weight.shape)}')
+            return pred, target, weight, old_logits, ref_logits
+        spatial = tuple(pred.shape[2:])
+        expected = (pred.shape[0], ) + spatial
+        if target.ndim == pred.ndim and target.shape[1] == 1:
+            target = target.squeeze(1)  # (N, 1, H, W) label maps
+        if tuple(target.shape) != expected:
+            raise ValueError(f'GRPORMLoss: seg_label of shape {tuple(target.shape)} does not '
+                             f'match seg_logits of shape {tuple(pred.shape)}; expected '
+                             f'{expected} (resize the logits to the label size first)')
+        if weight is not None:
+            if weight.ndim == pred.ndim and weight.shape[1] == 1:
+                weight = weight.squeeze(1)
+            if tuple(weight.shape) != expected:
+                raise ValueError(f'GRPORMLoss: weight of shape {tuple(weight.shape)} does not '
+                                 f'match seg_label of shape {expected}')
+            weight = weight.reshape(-1)
+        flat = [None if x is None else _flatten_dense(x) for x in (old_logits, ref_logits)]
+        return _flatten_dense(pred), target.reshape(-1), weight, flat[0], flat[1]
+
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
+                avg_factor: float | None = None, ignore_index: int | None = None,
+                old_logits: Tensor | None = None, ref_logits: Tensor | None = None,
+                **kwargs) -> Tensor:
+        """Scalar loss; see the class docstring for the shapes."""
+        for key, value in kwargs.items():
+            if key == 'reduction_override' and value not in (None, 'mean'):
+                raise ValueError(f'GRPORMLoss: reduction_override={value!r} is not supported; '
+                                 f'the loss is a mean over valid queries')
+            if key not in _KNOWN_IGNORED_KWARGS and key not in self._warned_kwargs:
+                self._warned_kwargs.add(key)
+                warnings.warn(f'GRPORMLoss ignores the keyword argument {key!r}', stacklevel=2)
+        dense = torch.is_tensor(pred) and pred.ndim > 2
+        if ignore_index is None and dense:
+            ignore_index = self.ignore_index
+        logits, labels, w, old, ref = self._as_queries(pred, target, weight, old_logits,
+                                                       ref_logits)
+        loss, diagnostics = grpo_rm_loss(
+            logits, labels, self._rewards, old_logits=old, ref_logits=ref,
+            clip_eps=self.clip_eps, beta=self.beta, ignore_index=ignore_index, weight=w,
+            adv_std=self.adv_std, adv_eps=self.adv_eps, adv_scale=self.adv_scale)
+        self.last_diagnostics = {k: v.detach() for k, v in diagnostics.items()}
+        if self.log_diagnostics:
+            self._push_to_message_hub()
+        return self.loss_weight * loss
+
+    def _push_to_message_hub(self) -> None:
+        """``train/grpo_*`` scalars in the current MessageHub, if one exists (no new one)."""
+        from mmengine.logging import MessageHub
+
+        if not getattr(MessageHub, '_instance_dict', None):
+            return
+        hub = MessageHub.get_current_instance()
+        for key, value in self.last_diagnostics.items():
+            hub.update_scalar(f'train/{key}', float(value))

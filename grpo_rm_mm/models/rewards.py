@@ -1,1 +1,90 @@
-"""(being written)"""
+"""Registered GRPO-RM rewards (method.md section 2): weighted faces of ``grpo_rm_mm.core``.
+
+Config use (inside ``GRPORMLoss(rewards=...)``)::
+
+    rewards=[dict(type='AccuracyReward', weight=1.0), dict(type='UniformityReward', weight=1.0)]
+
+Every reward is called as ``reward(probs, labels, valid=None) -> weight * r`` with ``probs``
+(N, C) the detached old-policy probabilities, ``labels`` (N,) int64 and ``r`` (N, C).
+Registered in mmengine's root ``MODELS``, so mmseg and mmpretrain configs find them too.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from mmengine.registry import MODELS
+from torch import Tensor
+
+from ..core.rewards import accuracy_reward, confidence_penalty_reward, uniformity_reward
+
+__all__ = ['AccuracyReward', 'BaseReward', 'ConfidencePenaltyReward', 'UniformityReward',
+           'build_reward']
+
+
+class BaseReward:
+    """A weighted reward ``weight * fn(probs, labels)``; subclasses set ``fn``."""
+
+    fn: Callable[..., Tensor]
+
+    def __init__(self, weight: float = 1.0) -> None:
+        name = type(self).__name__
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f'{name}: weight={weight!r} must be a finite float >= 0')
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f'{name}: weight={weight!r} must be a finite float >= 0 (a '
+                             f'negative weight would reward the opposite behaviour; 0 '
+                             f'switches the reward off)')
+        self.weight = float(weight)
+
+    def __call__(self, probs: Tensor, labels: Tensor, valid: Tensor | None = None) -> Tensor:
+        """(N, C), (N,) -> (N, C) weighted rewards."""
+        return self.weight * type(self).fn(probs, labels, valid)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(weight={self.weight})'
+
+
+@MODELS.register_module()
+class AccuracyReward(BaseReward):
+    """``r_i = 1[o_i == y]``."""
+
+    fn = staticmethod(accuracy_reward)
+
+
+@MODELS.register_module()
+class UniformityReward(BaseReward):
+    """``r_i = -(p_i / (1 - p_y) - 1/(C-1))`` for ``i != y``, 0 for ``y`` (p = pi_old)."""
+
+    fn = staticmethod(uniformity_reward)
+
+
+@MODELS.register_module()
+class ConfidencePenaltyReward(BaseReward):
+    """``r_i = -p_i`` for ``i != y``, 0 for ``y`` (p = pi_old)."""
+
+    fn = staticmethod(confidence_penalty_reward)
+
+
+REWARD_TYPES = ('AccuracyReward', 'UniformityReward', 'ConfidencePenaltyReward')
+
+
+def build_reward(cfg: dict | Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A reward from a config dict (``dict(type='UniformityReward', weight=0.5)``) or a
+    callable ``fn(probs, labels) -> (N, C)`` (returned as is)."""
+    if callable(cfg) and not isinstance(cfg, dict):
+        return cfg
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise ValueError(f'a reward must be a dict with a "type" (one of {REWARD_TYPES}) or a '
+                         f'callable, got {cfg!r}')
+    rtype = cfg['type']
+    if isinstance(rtype, str) and MODELS.get(rtype) is None:
+        raise ValueError(f'unknown reward type {rtype!r}; registered GRPO-RM rewards: '
+                         f'{REWARD_TYPES} (or register your own in mmengine MODELS)')
+    try:
+        reward = MODELS.build(dict(cfg))
+    except TypeError as err:  # bad keyword, e.g. dict(type='AccuracyReward', wieght=1)
+        raise ValueError(f'cannot build reward {cfg!r}: {err}') from err
+    if not callable(reward):
+        raise ValueError(f'reward {cfg!r} built a {type(reward).__name__}, which is not callable')
+    return reward

@@ -1,1 +1,4 @@
 """Backbones used by the demos."""
+from .efficientnet_lite import EfficientNetLite
+
+__all__ = ['EfficientNetLite']

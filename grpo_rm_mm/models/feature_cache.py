@@ -13,9 +13,20 @@ composed the same way (e.g. an unshuffled sampler) and agrees to float round-off
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 
 import torch
+
+
+def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Hex digest of named tensors (e.g. a frozen backbone's ``state_dict().items()``): a cache
+    file is only reused for the very same weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(sample_key(t))
+    return h.hexdigest()
 
 
 def sample_key(sample: torch.Tensor) -> bytes:
@@ -56,6 +67,38 @@ class FeatureCache:
         self._store.clear()
         self._is_tuple = None
         self.hits = self.misses = 0
+
+    @property
+    def dirty(self) -> bool:
+        """Whether entries were added since the last :meth:`save`/:meth:`load`."""
+        return getattr(self, '_saved_len', 0) != len(self._store)
+
+    def save(self, path: str, weights_fingerprint: str) -> None:
+        """Write the entries to ``path`` (atomically), tagged with ``weights_fingerprint``."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f'{path}.tmp{os.getpid()}'
+        torch.save({'fingerprint': weights_fingerprint, 'is_tuple': self._is_tuple,
+                    'keys': list(self._store), 'values': list(self._store.values())}, tmp)
+        os.replace(tmp, path)
+        self._saved_len = len(self._store)
+
+    def load(self, path: str, weights_fingerprint: str) -> bool:
+        """Add the entries of ``path`` if it exists and was written for the same weights.
+
+        Returns whether anything was loaded. The file holds only tensors, bytes and strings and
+        is read with ``weights_only=True``.
+        """
+        if not os.path.isfile(path):
+            return False
+        data = torch.load(path, map_location=self.device, weights_only=True)
+        if data.get('fingerprint') != weights_fingerprint:
+            return False
+        for key, value in zip(data['keys'], data['values']):
+            self._store.setdefault(key, tuple(value))
+        if self._store:
+            self._is_tuple = data['is_tuple']
+        self._saved_len = len(self._store)
+        return True
 
     def features(self, inputs: torch.Tensor, fn: Callable[[torch.Tensor], object]):
         """``fn(inputs)``, served per sample from the cache where possible."""

@@ -52,3 +52,29 @@ def test_max_items_bounds_memory_but_still_answers() -> None:
     with torch.no_grad():
         out = cache.features(x, net)
     assert len(cache) == 2 and out[0].shape[0] == 5
+
+
+def test_save_load_roundtrip_only_for_the_same_weights(tmp_path) -> None:
+    from grpo_rm_mm.models.feature_cache import fingerprint
+    torch.manual_seed(0)
+    net = CountingNet().eval()
+    fp = fingerprint(net.state_dict().items())
+    x = torch.randn(4, 3, 8, 8)
+    cache = FeatureCache()
+    with torch.no_grad():
+        first = cache.features(x, net)
+    assert cache.dirty
+    cache.save(str(tmp_path / 'c.pt'), fp)
+    assert not cache.dirty
+
+    fresh, net2 = FeatureCache(), CountingNet().eval()
+    net2.load_state_dict(net.state_dict())
+    assert fresh.load(str(tmp_path / 'c.pt'), fingerprint(net2.state_dict().items()))
+    with torch.no_grad():
+        again = fresh.features(x, net2)
+    assert net2.samples_seen == 0  # everything served from the file
+    assert all(torch.equal(a, b) for a, b in zip(again, first))
+
+    other = CountingNet().eval()  # different weights: the file must not be used
+    assert not FeatureCache().load(str(tmp_path / 'c.pt'),
+                                   fingerprint(other.state_dict().items()))

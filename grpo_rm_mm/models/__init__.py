@@ -3,3 +3,6 @@ from . import rewards  # noqa: F401
 from . import losses  # noqa: F401
 from . import grpo_inner  # noqa: F401
 from .heads import cls_head, decode_head  # noqa: F401
+
+# isort: split
+from . import classifier  # noqa: F401  (GRPORMClassifier)

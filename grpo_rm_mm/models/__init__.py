@@ -1,4 +1,5 @@
 """Registered model components (heads, losses, rewards)."""
+from . import backbones  # noqa: F401  (EfficientNetLite)
 from . import rewards  # noqa: F401
 from . import losses  # noqa: F401
 from . import grpo_inner  # noqa: F401
@@ -6,3 +7,6 @@ from .heads import cls_head, decode_head  # noqa: F401
 
 # isort: split
 from . import classifier  # noqa: F401  (GRPORMClassifier)
+
+# isort: split
+from . import segmentor  # noqa: F401  (GRPORMEncoderDecoder)

@@ -32,3 +32,39 @@ class SegPalettePredictionHook(Hook):
                 raise ValueError(f'cannot write {pred.max()} classes into an 8-bit PNG')
             stem = osp.splitext(osp.basename(sample.img_path))[0]
             save_voc_mask(pred.astype(np.uint8), osp.join(self.out_dir, f'{stem}.png'))
+
+
+@HOOKS.register_module()
+class FeatureCacheHook(Hook):
+    """Load and save a model's frozen-feature cache file (``GRPORMClassifier(feature_cache=
+    dict(file=...))``): loaded before the run, saved after the first training epoch, after
+    each validation and after testing, whenever it has new entries. In distributed runs each
+    rank uses its own file (``<file>.rank<r>``)."""
+
+    priority = 'LOW'
+
+    @staticmethod
+    def _model(runner):
+        model = runner.model
+        return getattr(model, 'module', model)
+
+    def before_run(self, runner) -> None:
+        model = self._model(runner)
+        if getattr(model, 'feature_cache_file', None) and runner.world_size > 1:
+            model.feature_cache_file = f'{model.feature_cache_file}.rank{runner.rank}'
+
+    def _save(self, runner) -> None:
+        model = self._model(runner)
+        if hasattr(model, 'save_feature_cache') and model.save_feature_cache():
+            runner.logger.info(f'feature cache: {len(model.feature_cache)} entries saved to '
+                               f'{model.feature_cache_file} (hits {model.feature_cache.hits}, '
+                               f'misses {model.feature_cache.misses})')
+
+    def after_train_epoch(self, runner) -> None:
+        self._save(runner)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._save(runner)
+
+    def after_test_epoch(self, runner, metrics=None) -> None:
+        self._save(runner)

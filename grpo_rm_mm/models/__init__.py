@@ -1,8 +1,10 @@
 """Registered model components (heads, losses, rewards)."""
-from . import backbones  # noqa: F401  (EfficientNetLite)
-from . import rewards  # noqa: F401
-from . import losses  # noqa: F401
-from . import grpo_inner  # noqa: F401
+from . import (
+    backbones,  # noqa: F401  (EfficientNetLite)
+    grpo_inner,  # noqa: F401
+    losses,  # noqa: F401
+    rewards,  # noqa: F401
+)
 from .heads import cls_head, decode_head  # noqa: F401
 
 # isort: split

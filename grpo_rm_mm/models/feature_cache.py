@@ -34,7 +34,7 @@ def sample_key(sample: torch.Tensor) -> bytes:
     data = sample.detach().contiguous().cpu()
     h = hashlib.blake2b(digest_size=16)
     h.update(f'{data.dtype}{tuple(data.shape)}'.encode())
-    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b'')
+    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b'')
     return h.digest()
 
 

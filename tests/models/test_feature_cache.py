@@ -44,6 +44,7 @@ def test_key_depends_on_content_dtype_and_shape() -> None:
     y = x.clone()
     y[1, 2] = 1e-30
     assert sample_key(x) != sample_key(y)
+    assert sample_key(torch.tensor(3)) != sample_key(torch.tensor(4))  # 0-dim (BN counters)
 
 
 def test_max_items_bounds_memory_but_still_answers() -> None:

@@ -13,8 +13,8 @@ install from the package registries (no download at run time), CPU-sized.
 4. Prints one table per task with the GRPO-RM minus CE differences (also written to
    ``<work-dir>/results.md``).
 
-``--quick`` runs a small version (a few hundred images, 2 epochs) in about a minute: what CI
-runs. Every step is an ordinary command, printed before it runs, and logged under --work-dir.
+``--quick`` runs a small version (a few hundred images, 2 epochs): what CI runs. Every step is
+an ordinary command, printed before it runs, and logged under --work-dir.
 """
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--data-dir', default='data/demo', help='data and weights go here')
     parser.add_argument('--work-dir', default='work_dirs/demo', help='logs, checkpoints')
     parser.add_argument('--quick', action='store_true',
-                        help='a small version (CI): 1000 train / 500 test images, 2 epochs')
+                        help='a small version (CI): 500 train / 200 test images, 2 epochs')
     parser.add_argument('--tasks', nargs='+', choices=list(TASKS), default=list(TASKS))
     return parser.parse_args()
 
 
 def sizes(quick: bool) -> dict[str, int]:
-    return (dict(train=1000, test=500, digits_train=1000, epochs=2, val=2) if quick else
+    return (dict(train=500, test=200, digits_train=500, epochs=2, val=2) if quick else
             dict(train=10000, test=5000, digits_train=4000, epochs=15, val=5))
 
 
@@ -117,14 +117,13 @@ def main() -> None:
             opts = [f'train_cfg.max_epochs={size["epochs"]}',
                     f'train_cfg.val_interval={size["val"]}',
                     f'default_hooks.checkpoint.interval={size["epochs"]}']
+            n_train = size['train' if task == 'fashion_mnist' else 'digits_train']
+            # custom_hooks.1 is the RepresentationReferenceHook: the kNN / SR reference set
+            opts += [f'train_dataloader.dataset.indices={n_train}',
+                     f'custom_hooks.1.dataloader.dataset.indices={n_train}']
             if task == 'fashion_mnist':
-                opts += [f'train_dataloader.dataset.indices={size["train"]}',
-                         f'reference_dataloader.dataset.indices={size["train"]}',
-                         f'val_dataloader.dataset.indices={size["test"]}',
+                opts += [f'val_dataloader.dataset.indices={size["test"]}',
                          f'test_dataloader.dataset.indices={size["test"]}']
-            else:
-                opts += [f'train_dataloader.dataset.indices={size["digits_train"]}',
-                         f'reference_dataloader.dataset.indices={size["digits_train"]}']
             bar.set_postfix_str(f'{task}: training {method}')
             run([py, 'tools/train.py', config, '--work-dir', str(wd), '--cfg-options', *opts],
                 wd / 'train.log', env)

@@ -19,6 +19,8 @@ from mmengine.dist import broadcast_object_list, collect_results, is_main_proces
 from mmengine.evaluator import BaseMetric
 from mmengine.registry import METRICS
 
+from ..models.feature_cache import sample_key
+
 REPRESENTATIONS = ('backbone', 'pre_logits')
 
 
@@ -57,11 +59,10 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor,
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
-def softmax_regression_predict(train_feats: np.ndarray, train_labels: np.ndarray,
-                               test_feats: np.ndarray, C: float = 1.0,
-                               max_iter: int = 1000, tol: float = 1e-4) -> np.ndarray:
-    """Multinomial logistic regression (scikit-learn, lbfgs, L2 penalty ``1 / C``) fitted on
-    standardised train features; returns the (M,) predicted labels of ``test_feats``.
+def fit_softmax_regression(train_feats: np.ndarray, train_labels: np.ndarray,
+                           C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4):
+    """Fit SR: multinomial logistic regression (scikit-learn, lbfgs, L2 penalty ``1 / C``) on
+    standardised train features. Returns ``(scaler, classifier)``.
 
     Objective: ``C * sum_n CE(W x_n + b, y_n) + ||W||^2 / 2`` with ``x`` standardised by the
     train mean and std.
@@ -75,7 +76,27 @@ def softmax_regression_predict(train_feats: np.ndarray, train_labels: np.ndarray
     scaler = StandardScaler().fit(train_feats.astype(np.float64))
     clf = LogisticRegression(C=C, max_iter=max_iter, tol=tol)
     clf.fit(scaler.transform(train_feats.astype(np.float64)), train_labels)
+    return scaler, clf
+
+
+def softmax_regression_predict(train_feats: np.ndarray, train_labels: np.ndarray,
+                               test_feats: np.ndarray, C: float = 1.0,
+                               max_iter: int = 1000, tol: float = 1e-4) -> np.ndarray:
+    """SR probe (:func:`fit_softmax_regression`) scored on ``test_feats``: (M,) labels.
+
+    The fit is memoised on the exact train features, labels and options, so several test sets
+    against one reference set (``tools/test_ood.py``) fit the probe once.
+    """
+    key = (sample_key(torch.from_numpy(np.ascontiguousarray(train_feats))),
+           sample_key(torch.from_numpy(np.ascontiguousarray(train_labels))), C, max_iter, tol)
+    if key not in _SR_FITS:
+        _SR_FITS.clear()  # keep one fit: the reference of the current evaluation
+        _SR_FITS[key] = fit_softmax_regression(train_feats, train_labels, C, max_iter, tol)
+    scaler, clf = _SR_FITS[key]
     return clf.predict(scaler.transform(test_feats.astype(np.float64)))
+
+
+_SR_FITS: dict[tuple, tuple] = {}
 
 
 class RepresentationMetric(BaseMetric):

@@ -61,6 +61,13 @@ def _non_finite_value(value: Any) -> float | None:
     return None
 
 
+def _epoch_of(runner) -> str:
+    """', epoch E' (1-based) for epoch-based loops, else ''."""
+    from mmengine.runner import EpochBasedTrainLoop
+    loop = getattr(runner, '_train_loop', None)
+    return f', epoch {runner.epoch + 1}' if isinstance(loop, EpochBasedTrainLoop) else ''
+
+
 def first_non_finite(tensors: Mapping[str, Any]) -> tuple[str, float] | None:
     """(name, value) of the first entry holding a NaN/Inf, else None."""
     for key, value in _scalars(tensors):
@@ -74,11 +81,12 @@ def first_non_finite(tensors: Mapping[str, Any]) -> tuple[str, float] | None:
 class NonFiniteLossHook(Hook):
     """Stop training at the first NaN/Inf loss or logged scalar; never save NaN weights.
 
-    After each training iteration the loss and every scalar in the model's ``outputs`` (the
-    loss dict that ``train_step`` returns) are checked; a non-finite one raises
-    ``FloatingPointError`` naming the iteration (1-based, as in the log), the key and the
-    value. ``before_save_checkpoint`` scans the model's state dict and raises naming the first
-    non-finite parameter/buffer, so no checkpoint with NaN is written.
+    Errors raised inside ``model.train_step`` get a note naming the iteration (Python 3.11
+    ``add_note``: printed under the error). After each training iteration the loss and every
+    scalar in the model's ``outputs`` (the loss dict that ``train_step`` returns) are checked;
+    a non-finite one raises ``FloatingPointError`` naming the iteration (1-based, as in the
+    log), the key and the value. ``before_save_checkpoint`` scans the model's state dict and
+    raises naming the first non-finite parameter/buffer, so no checkpoint with NaN is written.
 
     Args:
         check_outputs: check the logged scalars after each iteration.
@@ -88,9 +96,38 @@ class NonFiniteLossHook(Hook):
     # above CheckpointHook (VERY_LOW) and LoggerHook (BELOW_NORMAL): runs first after an iter
     priority = 'ABOVE_NORMAL'
 
-    def __init__(self, check_outputs: bool = True, check_checkpoint: bool = True) -> None:
+    def __init__(self, check_outputs: bool = True, check_checkpoint: bool = True,
+                 note_iteration: bool = True) -> None:
         self.check_outputs = check_outputs
         self.check_checkpoint = check_checkpoint
+        self.note_iteration = note_iteration
+
+    def before_train(self, runner) -> None:
+        """Wrap ``model.train_step`` so that any error raised inside it (e.g. the GRPO-RM loss
+        refusing non-finite logits) carries a note naming the iteration."""
+        if not self.note_iteration:
+            return
+        model = runner.model
+        train_step = model.train_step
+        if getattr(train_step, '_grpo_rm_noted', False):
+            return
+
+        def noted_train_step(*args, **kwargs):
+            try:
+                return train_step(*args, **kwargs)
+            except Exception as err:
+                if hasattr(err, 'add_note'):  # Python >= 3.11
+                    err.add_note(f'(raised in the train step of iteration {runner.iter + 1}'
+                                 f'{_epoch_of(runner)}; NonFiniteLossHook)')
+                raise
+
+        noted_train_step._grpo_rm_noted = True  # type: ignore[attr-defined]
+        model.train_step = noted_train_step
+
+    def after_train(self, runner) -> None:
+        model = runner.model
+        if getattr(model.__dict__.get('train_step'), '_grpo_rm_noted', False):
+            del model.train_step
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
                          outputs: Any = None) -> None:
@@ -101,10 +138,9 @@ class NonFiniteLossHook(Hook):
             return
         key, value = found
         iteration = runner.iter + 1  # runner.iter is incremented after the hooks
-        epoch = f', epoch {runner.epoch + 1}' if getattr(runner.train_loop, '_max_epochs',
-                                                          None) else ''
         raise FloatingPointError(
-            f'non-finite training value at iteration {iteration}{epoch}: {key} = {value}. '
+            f'non-finite training value at iteration {iteration}{_epoch_of(runner)}: '
+            f'{key} = {value}. '
             f'Training stopped before any checkpoint of this state is written. {_CAUSES}')
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:

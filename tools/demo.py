@@ -50,15 +50,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def sizes(quick: bool) -> dict[str, int]:
-    return (dict(train=500, test=200, digits_train=500, epochs=2, val=2) if quick else
-            dict(train=10000, test=5000, digits_train=4000, epochs=15, val=5))
+    return (dict(train=500, test=200, ood=200, digits_train=500, epochs=2, val=2) if quick else
+            dict(train=10000, test=5000, ood=2000, digits_train=4000, epochs=15, val=5))
 
 
-def prepare(data_dir: Path, n_test: int) -> None:
+def prepare(data_dir: Path, n_ood: int) -> None:
     from grpo_rm_mm.datasets import demo_data
     demo_data.prepare_fashion_mnist(data_dir / 'fashion_mnist')
     demo_data.prepare_fashion_mnist_corruptions(
-        data_dir / 'fashion_mnist_c', corruptions=CORRUPTIONS, severity=3, limit=n_test,
+        data_dir / 'fashion_mnist_c', corruptions=CORRUPTIONS, severity=3, limit=n_ood,
         clean_root=data_dir / 'fashion_mnist')
     demo_data.prepare_mnist_to_digits(data_dir / 'mnist_digits')
 
@@ -100,7 +100,7 @@ def main() -> None:
     start = time.time()
 
     bar.set_postfix_str('preparing data')
-    prepare(data_dir, size['test'])
+    prepare(data_dir, size['ood'])
     bar.update()
     bar.set_postfix_str('converting EfficientNet-Lite0 weights')
     weights = data_dir / 'pretrained' / 'efficientnet_lite0.pth'

@@ -61,6 +61,10 @@ ood_evaluator = dict(type='Accuracy', topk=(1, ))
 custom_hooks = [
     dict(type='NumClassesCheckHook'),
     dict(type='RepresentationReferenceHook', dataloader=reference_dataloader),
+    # stop on a non-finite loss (naming the iteration) and never checkpoint NaN; clear
+    # errors for truncated or mismatched checkpoints (grpo_rm_mm/engine/guards.py)
+    dict(type='NonFiniteLossHook'),
+    dict(type='CheckpointCheckHook'),
 ]
 
 cifar10c_root = 'data/CIFAR-10-C'

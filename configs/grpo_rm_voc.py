@@ -136,4 +136,10 @@ default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=500, max_keep_ckpts=2),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'))
+custom_hooks = [
+    # stop on a non-finite loss (naming the iteration) and never checkpoint NaN; clear
+    # errors for truncated or mismatched checkpoints (grpo_rm_mm/engine/guards.py)
+    dict(type='NonFiniteLossHook'),
+    dict(type='CheckpointCheckHook'),
+]
 randomness = dict(seed=0)

@@ -16,6 +16,10 @@ custom_hooks = [
     dict(type='NumClassesCheckHook'),
     dict(type='RepresentationReferenceHook', dataloader=reference_dataloader),
     dict(type='FeatureCacheHook'),
+    # stop on a non-finite loss (naming the iteration) and never checkpoint NaN; clear
+    # errors for truncated or mismatched checkpoints (grpo_rm_mm/engine/guards.py)
+    dict(type='NonFiniteLossHook'),
+    dict(type='CheckpointCheckHook'),
 ]
 ood_test_sets = dict(_delete_=True, digits=dict(
     type='MNIST', data_root=demo_root + '/mnist_digits/digits', test_mode=True, download=False))

@@ -67,6 +67,10 @@ custom_hooks = [
     dict(type='NumClassesCheckHook'),
     dict(type='RepresentationReferenceHook', dataloader=reference_dataloader),
     dict(type='FeatureCacheHook'),
+    # stop on a non-finite loss (naming the iteration) and never checkpoint NaN; clear
+    # errors for truncated or mismatched checkpoints (grpo_rm_mm/engine/guards.py)
+    dict(type='NonFiniteLossHook'),
+    dict(type='CheckpointCheckHook'),
 ]
 
 optim_wrapper = dict(type='GRPOOptimWrapper', optimizer=dict(type='Adam', lr=1e-3),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os.path as osp
+import pickle
 
 from mmpretrain.datasets import CIFAR10, CIFAR100
 from mmpretrain.registry import DATASETS
@@ -41,7 +42,27 @@ class _LocalCIFARMixin:
                                   ' (set verify_md5=False for a folder you wrote yourself)'))
         if not self.verify_md5:
             self.meta = dict(self.meta, md5=None)
-        return super().load_data_list()
+        try:
+            return super().load_data_list()
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+            raise RuntimeError(f'{type(self).__name__}: {self._unreadable(folder)} cannot be '
+                               f'read as a CIFAR python pickle ({type(err).__name__}: {err}); '
+                               f'the file is truncated or not from the python release: '
+                               f'extract {self.filename} again') from err
+
+    def _unreadable(self, folder: str) -> str:
+        """The first file of this split that does not unpickle into a CIFAR batch."""
+        files = self.train_list if self.split == 'train' else self.test_list
+        for name, _ in files + [[self.meta['filename'], None]]:
+            path = osp.join(folder, name)
+            try:
+                with open(path, 'rb') as f:
+                    entry = pickle.load(f, encoding='latin1')
+                if name != self.meta['filename'] and 'data' not in entry:
+                    return path
+            except Exception:
+                return path
+        return folder
 
 
 @DATASETS.register_module()

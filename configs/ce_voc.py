@@ -10,3 +10,6 @@ _base_ = ['./grpo_rm_voc.py']
 model = dict(decode_head=dict(loss_decode=dict(
     _delete_=True, type='CrossEntropyLoss', use_sigmoid=False, avg_non_ignore=True,
     loss_weight=1.0)))
+# one optimizer step per batch: inner steps re-optimise the GRPO-RM ratio against pi_old and
+# have no cross-entropy counterpart (GRPOOptimWrapper with inner_steps=1 is a plain OptimWrapper)
+optim_wrapper = dict(inner_steps=1)

@@ -8,3 +8,5 @@ _base_ = ['./fashion_voc_grpo_rm.py']
 model = dict(decode_head=dict(loss_decode=dict(
     _delete_=True, type='CrossEntropyLoss', use_sigmoid=False, avg_non_ignore=True,
     loss_weight=1.0)))
+# one optimizer step per batch (inner steps are GRPO-RM's own; see fashion_mnist_ce.py)
+optim_wrapper = dict(inner_steps=1)

@@ -1,0 +1,150 @@
+"""Convergence of GRPO-RM vs cross-entropy heads on frozen features (issue 6, benchmark 2).
+
+Both heads are the identical ``GRPORMClsHead`` MLP (1280 -> 256 -> 10) of the demo model, from
+the same initial weights, trained on the same batch sequence (batch 1024, Adam lr 1e-3) from
+features of the real frozen ImageNet EfficientNet-Lite0 on real Fashion-MNIST at 64 px (a fixed
+train subset; the full 10k test set). Training runs the registered head's ``loss()`` through
+the optimizer wrappers (``GRPOOptimWrapper`` / ``OptimWrapper``). Test top-1 is recorded every
+``--eval-every`` iterations; the script prints the iterations each method needs to reach the
+CE run's final test accuracy (and fractions of it) and plots both curves.
+
+    .venv/bin/python benchmarks/convergence.py [--iters 1000] [--inner-steps 1 4]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import common as c
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_common_args(parser, str(c.RESULTS / 'convergence.txt'))
+    parser.add_argument('--plot', default=str(c.RESULTS / 'convergence.png'),
+                        help='PNG of both curves (a .csv of the curves is written beside it)')
+    parser.add_argument('--iters', type=int, default=1000)
+    parser.add_argument('--eval-every', type=int, default=10)
+    parser.add_argument('--dense-until', type=int, default=50,
+                        help='also evaluate after every iteration up to this one')
+    parser.add_argument('--batch-size', type=int, default=1024)
+    parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--train-size', type=int, default=20000,
+                        help='first N images of a fixed permutation of the 60k train set')
+    parser.add_argument('--seed', type=int, default=0, help='head init and batch order')
+    parser.add_argument('--rewards', choices=sorted(c.REWARD_SETS), default=c.DEFAULT_REWARDS)
+    parser.add_argument('--inner-steps', type=int, nargs='+', default=[1, 4],
+                        help='one GRPO-RM run per value (default: %(default)s)')
+    parser.add_argument('--fractions', type=float, nargs='+',
+                        default=[0.8, 0.9, 0.95, 0.99, 1.0],
+                        help='targets as fractions of the CE run\'s final test top-1')
+    return parser.parse_args()
+
+
+def plot(runs: list[c.Run], target: float, path: Path, title: str, xlabel: str) -> None:
+    """Test top-1 against iterations, with the CE final accuracy as a dashed line."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    for run in runs:
+        its, accs = zip(*run.curve)
+        ax.plot(its, accs, label=run.name, linewidth=1.6)
+    ax.axhline(target, color='gray', linestyle='--', linewidth=1,
+               label=f'CE final ({target:.2f}%)')
+    low = min(acc for run in runs for it, acc in run.curve if it > 0)
+    ax.set_ylim(max(0.0, low - 2), max(acc for run in runs for _, acc in run.curve) + 1)
+    ax.set_xscale('symlog', linthresh=10, linscale=0.5)
+    ax.set_xlim(0, max(it for run in runs for it, _ in run.curve))
+    ax.set_xlabel(xlabel + ', linear up to 10, log beyond')
+    ax.set_ylabel('test top-1 (%)')
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc='lower right', fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    c.setup(args.threads)
+    with c.tee_stdout(args.out):
+        t_start = time.perf_counter()
+        c.print_header('convergence, GRPO-RM vs CE heads on frozen features (issue 6, '
+                       'benchmark 2)')
+        demo = c.prepare_demo(args.data_dir)
+        train_x, train_y = c.cached_features(demo, False, args.train_size)
+        test_x, test_y = c.cached_features(demo, True)
+        print(f'# data: Fashion-MNIST, {len(train_x)} train / {len(test_x)} test images, 64 px, '
+              f'features of the frozen ImageNet EfficientNet-Lite0 ({train_x.shape[1]}-d)')
+        print(f'# training: MLP {c.IN_CHANNELS}->{c.HIDDEN_CHANNELS}->{c.NUM_CLASSES}, '
+              f'{args.iters} iterations of batch {args.batch_size} '
+              f'({args.iters * args.batch_size / len(train_x):.1f} epochs), Adam lr {args.lr}, '
+              f'seed {args.seed}; GRPO-RM rewards {args.rewards}, inner_steps '
+              f'{" and ".join(map(str, args.inner_steps))}; test top-1 after every iteration '
+              f'up to {args.dense_until}, then every {args.eval_every}')
+        specs = [('CE', 'ce', 1)] + [(f'GRPO-RM ({args.rewards}, inner_steps={k})', 'grpo', k)
+                                     for k in args.inner_steps]
+        models = {name: c.build_model(m, demo.checkpoint, args.rewards, args.seed)
+                  for name, m, _ in specs}
+        for model in models.values():
+            c.assert_same_head(models['CE'], model)
+        runs = []
+        for name, method, k in specs:
+            wrapper = c.build_wrapper(models[name], method, k, args.lr)
+            runs.append(c.train_head(models[name], wrapper, train_x, train_y, test_x, test_y,
+                                     args.iters, args.batch_size, args.seed, args.eval_every,
+                                     args.dense_until, name))
+        ce = runs[0]
+        target = ce.final
+
+        print(f'\nCE final test top-1 (iteration {args.iters}): {target:.2f}%')
+        print('\n| method | final top-1 % | best top-1 % (iteration) | '
+              + ' | '.join(f'iterations to {f:g} x CE final ({f * target:.2f}%)'
+                           for f in args.fractions)
+              + ' | train s | ms / iteration | eval s |')
+        print('|---|---:|---:|' + '---:|' * len(args.fractions) + '---:|---:|---:|')
+        for run in runs:
+            best_it, best = max(run.curve, key=lambda p: (p[1], -p[0]))
+            reach = []
+            for f in args.fractions:
+                it = run.first_reaching(f * target)
+                reach.append('not reached' if it is None else str(it))
+            print(f'| {run.name} | {run.final:.2f} | {best:.2f} ({best_it}) | '
+                  + ' | '.join(reach)
+                  + f' | {run.seconds:.1f} | {run.seconds / args.iters * 1e3:.1f} | '
+                    f'{run.eval_seconds:.1f} |')
+        print(f'\n(test top-1 at iteration 0 (chance) and after every iteration up to '
+              f'{args.dense_until}, then every {args.eval_every}; train s and ms / iteration '
+              f'exclude these test evaluations, eval s is their time)')
+        for run in runs[1:]:
+            for f in args.fractions:
+                a, b = ce.first_reaching(f * target), run.first_reaching(f * target)
+                if a and b:
+                    print(f'{run.name} / CE iterations to {f:g} x CE final: {b}/{a} = '
+                          f'{b / a:.2f}')
+
+        plot_path = Path(args.plot)
+        plot(runs, target, plot_path,
+             f'Fashion-MNIST 64 px ({len(train_x)} train / {len(test_x)} test), frozen '
+             f'EfficientNet-Lite0 features\nMLP head {c.IN_CHANNELS}-{c.HIDDEN_CHANNELS}-'
+             f'{c.NUM_CLASSES}, batch {args.batch_size}, Adam {args.lr:g}, seed {args.seed}',
+             f'iteration (batch {args.batch_size})')
+        csv_path = plot_path.with_suffix('.csv')
+        with open(csv_path, 'w', newline='') as f:
+            writer = csv.writer(f)
+            writer.writerow(['iteration'] + [run.name for run in runs])
+            for rows in zip(*(run.curve for run in runs)):
+                writer.writerow([rows[0][0]] + [f'{acc:.2f}' for _, acc in rows])
+        print(f'\ncurves: {c.relative(plot_path)} and {c.relative(csv_path)}')
+        print(f'# total {time.perf_counter() - t_start:.0f} s')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,161 @@
+"""Train-step time of GRPO-RM vs cross-entropy on the same model and batch (issue 6).
+
+Full step: ``model.train_step(data, optim_wrapper)`` of the demo model (frozen ImageNet
+EfficientNet-Lite0 + MLP head 1280 -> 256 -> 10) on one real Fashion-MNIST batch at 64 px, with
+``GRPOOptimWrapper(inner_steps=k)`` (GRPO-RM) vs ``OptimWrapper`` (CE), Adam. Head-only step: the
+same from precomputed backbone features (``head.loss`` + ``parse_losses`` + ``update_params``),
+which isolates the head's share. All timed functions are interleaved (A, B, ..., then reversed)
+in one run; medians of wall and process-CPU time and the ratios of the medians are printed.
+A forward hook counts backbone forwards per step: inner steps must not rerun the backbone.
+
+    .venv/bin/python benchmarks/step_time.py [--batch-size 256] [--reps 15] [--head-reps 60]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import common as c
+import torch
+
+TARGET = 1.03  # issue 6: GRPO-RM (inner_steps=1) / CE full-step time
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_common_args(parser, str(c.RESULTS / 'step_time.txt'))
+    parser.add_argument('--batch-size', type=int, default=256)
+    parser.add_argument('--reps', type=int, default=15,
+                        help='timed repetitions of each full step (default %(default)s)')
+    parser.add_argument('--head-reps', type=int, default=60,
+                        help='timed repetitions of each head-only step (default %(default)s)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed rounds first')
+    parser.add_argument('--inner-steps', type=int, nargs='+', default=[1, 2, 4])
+    parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--seed', type=int, default=0, help='head initialisation')
+    return parser.parse_args()
+
+
+class ForwardCounter:
+    """Counts forward calls of a module."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, *args) -> None:
+        self.calls += 1
+
+
+def table(title: str, rows: list[tuple[str, str, c.Timings, str]], base: str) -> None:
+    """Markdown table of median times and ratios against the row named ``base``."""
+    ref = next(t for name, _, t, _ in rows if name == base)
+    print(f'\n### {title}\n')
+    print('| step | optim wrapper | median wall ms | median CPU ms | wall ratio / CE '
+          '| CPU ratio / CE | backbone fwd / step |')
+    print('|---|---|---:|---:|---:|---:|---:|')
+    for name, wrapper, t, fwd in rows:
+        print(f'| {name} | {wrapper} | {t.wall_median * 1e3:.1f} | {t.cpu_median * 1e3:.1f} | '
+              f'{t.wall_median / ref.wall_median:.3f} | {t.cpu_median / ref.cpu_median:.3f} | '
+              f'{fwd} |')
+
+
+def main() -> None:
+    args = parse_args()
+    c.setup(args.threads)
+    with c.tee_stdout(args.out):
+        t_start = time.perf_counter()
+        c.print_header('train-step time, GRPO-RM / CE (issue 6, benchmark 1)')
+        demo = c.prepare_demo(args.data_dir)
+        data = c.image_batch(demo, args.batch_size)
+        methods = [('CE', 'ce', 1)] + [(f'GRPO-RM k={k}', 'grpo', k) for k in args.inner_steps]
+        models, wrappers, counters = {}, {}, {}
+        for name, method, k in methods:
+            models[name] = c.build_model(method, demo.checkpoint, seed=args.seed)
+            models[name].train()
+            wrappers[name] = c.build_wrapper(models[name], method, k, args.lr)
+            counters[name] = ForwardCounter(models[name].backbone)
+        for name in models:
+            c.assert_same_head(models['CE'], models[name])
+        print(f'# batch: {args.batch_size} real Fashion-MNIST train images, 3x{c.IMG_SIZE}x'
+              f'{c.IMG_SIZE} after Resize + GrayToRGB; Adam lr {args.lr}; '
+              f'{sum(p.numel() for p in models["CE"].head.parameters())} trainable head '
+              f'parameters, {sum(p.numel() for p in models["CE"].backbone.parameters())} frozen '
+              f'backbone parameters')
+
+        ce = models['CE']
+        with torch.no_grad():
+            inputs = ce.data_preprocessor(data, False)['inputs']
+        feats = ce.extract_feat(inputs)[-1]
+        samples = data['data_samples']
+
+        def full(name: str):
+            return lambda: models[name].train_step(data, wrappers[name])
+
+        def head(name: str):
+            return lambda: c.head_train_step(models[name], feats, samples, wrappers[name])
+
+        probe = c.build_model('ce', demo.checkpoint, seed=args.seed)  # uncounted backbone
+        probe.train()
+
+        def backbone_only() -> None:
+            with torch.no_grad():
+                probe.extract_feat(probe.data_preprocessor(data, True)['inputs'])
+
+        fns = {name: full(name) for name in models}
+        fns['backbone only'] = backbone_only
+        for counter in counters.values():
+            counter.calls = 0
+        full_t = c.interleaved(fns, args.reps, args.warmup, desc='full steps')
+        n_steps = args.warmup + args.reps
+        fwd = {name: f'{counters[name].calls / n_steps:g}' for name in models}
+        for counter in counters.values():
+            counter.calls = 0
+        head_t = c.interleaved({name: head(name) for name in models}, args.head_reps,
+                               args.warmup, desc='head-only steps')
+        head_fwd = {name: f'{counters[name].calls / (args.warmup + args.head_reps):g}'
+                    for name in models}
+
+        def wrapper_name(method: str, k: int) -> str:
+            return f'GRPOOptimWrapper(inner_steps={k})' if method == 'grpo' else 'OptimWrapper'
+
+        rows = [(name, wrapper_name(m, k), full_t[name], fwd[name]) for name, m, k in methods]
+        rows.append(('frozen backbone only (preprocess + forward, no_grad)', '-',
+                     full_t['backbone only'], '1'))
+        table(f'Full step: model.train_step(data, optim_wrapper), batch {args.batch_size}, '
+              f'{args.reps} interleaved repetitions each', rows, 'CE')
+        table(f'Head-only step: precomputed features (head.loss + parse_losses + '
+              f'update_params), batch {args.batch_size}, {args.head_reps} interleaved '
+              f'repetitions each',
+              [(name, wrapper_name(m, k), head_t[name], head_fwd[name])
+               for name, m, k in methods], 'CE')
+
+        ce_full, ce_head = full_t['CE'], head_t['CE']
+        bb = full_t['backbone only']
+        print(f'\nfrozen backbone share of the CE full step: '
+              f'{bb.wall_median / ce_full.wall_median * 100:.0f}% (wall), '
+              f'{bb.cpu_median / ce_full.cpu_median * 100:.0f}% (CPU)')
+        for name, _, k in methods[1:]:
+            extra_wall = full_t[name].wall_median - ce_full.wall_median
+            extra_head = head_t[name].wall_median - ce_head.wall_median
+            line = (f'{name}: full step {extra_wall * 1e3:+.1f} ms vs CE (head-only '
+                    f'{extra_head * 1e3:+.1f} ms)')
+            if k > 1:
+                rerun = (ce_full.wall_median + (k - 1) * (bb.wall_median + head_t[name].wall_median
+                                                          / k)) / ce_full.wall_median
+                line += (f'; had each inner step rerun the backbone, the full-step ratio would '
+                         f'be about {rerun:.2f}')
+            print(line)
+        k1 = 'GRPO-RM k=1'
+        if k1 in full_t:
+            wall = full_t[k1].wall_median / ce_full.wall_median
+            cpu = full_t[k1].cpu_median / ce_full.cpu_median
+            verdict = 'PASS' if max(wall, cpu) <= TARGET else 'FAIL'
+            print(f'\ntarget: full-step ratio GRPO-RM(inner_steps=1) / CE <= {TARGET}: '
+                  f'wall {wall:.3f}, CPU {cpu:.3f} -> {verdict}')
+        print(f'# total {time.perf_counter() - t_start:.0f} s')
+
+
+if __name__ == '__main__':
+    main()

@@ -8,14 +8,18 @@ label maps as Pascal-VOC-palette PNGs. mmpretrain configs print their metrics; `
 dumps the predictions.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import grpo_rm_mm  # noqa: E402,F401  (compatibility patches + registry)
-from grpo_rm_mm.engine.launch import DictAction, build_runner, load_config  # noqa: E402
+from grpo_rm_mm.engine.launch import (
+    add_launch_args,
+    build_runner,
+    load_config,
+    parse_launch_args,  # noqa: E402
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -26,15 +30,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--out', help='mmseg: folder for VOC-palette PNG predictions; '
                         'mmpretrain: .pkl file for the predictions')
     parser.add_argument('--show-dir', help='mmseg: folder for painted predictions')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_launch_args(parser)
+    return parse_launch_args(parser)
 
 
 def main() -> None:

@@ -14,14 +14,18 @@ checkpoint with ``--baseline ce.json``; the table gets the baseline values and t
 """
 import argparse
 import json
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import grpo_rm_mm  # noqa: E402,F401  (compatibility patches + registry)
-from grpo_rm_mm.engine.launch import DictAction, build_runner, load_config  # noqa: E402
+from grpo_rm_mm.engine.launch import (
+    add_launch_args,
+    build_runner,
+    load_config,
+    parse_launch_args,  # noqa: E402
+)
 from grpo_rm_mm.evaluation import ood  # noqa: E402
 
 
@@ -39,15 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--baseline', help='results .json of a baseline (e.g. the '
                         'cross-entropy model) to compare with')
     parser.add_argument('--work-dir', help='the dir to save logs')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_launch_args(parser)
+    return parse_launch_args(parser)
 
 
 def main() -> None:

@@ -7,14 +7,19 @@ Same flags as the toolboxes' own ``tools/train.py``. ``grpo_rm_mm`` is imported 
 compatibility patches and components are active even for configs without ``custom_imports``.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import grpo_rm_mm  # noqa: E402,F401  (compatibility patches + registry)
-from grpo_rm_mm.engine.launch import DictAction, build_runner, enable_amp, load_config  # noqa: E402
+from grpo_rm_mm.engine.launch import (
+    add_launch_args,
+    build_runner,
+    enable_amp,
+    load_config,
+    parse_launch_args,  # noqa: E402
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -27,15 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--amp', action='store_true', help='enable automatic mixed precision')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by (total batch size / auto_scale_lr.base_batch_size)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, e.g. train_cfg.max_iters=100')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_launch_args(parser)
+    return parse_launch_args(parser)
 
 
 def main() -> None:

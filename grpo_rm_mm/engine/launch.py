@@ -1,15 +1,36 @@
 """Shared start-up for ``tools/train.py`` and ``tools/test.py`` (mmpretrain and mmseg configs)."""
 from __future__ import annotations
 
+import argparse
+import os
 import os.path as osp
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-__all__ = ['DictAction', 'load_config', 'enable_amp', 'build_runner']
+__all__ = ['DictAction', 'add_launch_args', 'parse_launch_args', 'load_config', 'enable_amp',
+           'build_runner']
 
 _AMP_TYPES = {'OptimWrapper': 'AmpOptimWrapper', 'GRPOOptimWrapper': 'GRPOAmpOptimWrapper'}
+
+
+def add_launch_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every tool shares with the toolboxes' scripts: ``--cfg-options``,
+    ``--launcher`` and ``--local_rank`` (set by ``torch.distributed.launch``)."""
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, e.g. train_cfg.max_iters=100')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_launch_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, and export ``LOCAL_RANK`` for launchers that only pass ``--local_rank``."""
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
 
 
 def load_config(path: str, cfg_options: dict | None, launcher: str,

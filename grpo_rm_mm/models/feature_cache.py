@@ -57,6 +57,7 @@ class FeatureCache:
         self.device = torch.device(device)
         self._store: dict[bytes, tuple[torch.Tensor, ...]] = {}
         self._is_tuple: bool | None = None
+        self._saved_len = 0
         self.hits = 0
         self.misses = 0
 
@@ -66,12 +67,13 @@ class FeatureCache:
     def clear(self) -> None:
         self._store.clear()
         self._is_tuple = None
+        self._saved_len = 0
         self.hits = self.misses = 0
 
     @property
     def dirty(self) -> bool:
         """Whether entries were added since the last :meth:`save`/:meth:`load`."""
-        return getattr(self, '_saved_len', 0) != len(self._store)
+        return self._saved_len != len(self._store)
 
     def save(self, path: str, weights_fingerprint: str) -> None:
         """Write the entries to ``path`` (atomically), tagged with ``weights_fingerprint``."""

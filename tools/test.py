@@ -36,10 +36,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not exist')
-    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
-    cfg.load_from = args.checkpoint
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir,
+                      checkpoint=args.checkpoint)
     scope = cfg.get('default_scope')
     if scope == 'mmseg':
         cfg.setdefault('custom_hooks', [])

@@ -49,11 +49,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not exist')
     baseline = ood.load_results(args.baseline) if args.baseline else None
-    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
-    cfg.load_from = args.checkpoint
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir,
+                      checkpoint=args.checkpoint)
     loaders = ood.ood_sets(cfg, args.sets, include_id=not args.no_id)
     if args.evaluator == 'ood':
         evaluator = cfg.get('ood_evaluator') or dict(type='Accuracy', topk=(1, ))

@@ -34,8 +34,11 @@ def parse_launch_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 def load_config(path: str, cfg_options: dict | None, launcher: str,
-                work_dir: str | None) -> Config:
-    """Read a config, apply ``--cfg-options``/``--launcher``/``--work-dir`` like the toolboxes."""
+                work_dir: str | None, checkpoint: str | None = None) -> Config:
+    """Read a config, apply ``--cfg-options``/``--launcher``/``--work-dir`` like the toolboxes,
+    and, for the test tools, load ``checkpoint`` (which must exist)."""
+    if checkpoint is not None and not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
     if not osp.isfile(path):
         raise FileNotFoundError(f'config file {path!r} does not exist; pass the path of a '
                                 f'config, e.g. configs/grpo_rm_voc.py')
@@ -47,6 +50,8 @@ def load_config(path: str, cfg_options: dict | None, launcher: str,
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    if checkpoint is not None:
+        cfg.load_from = checkpoint
     return cfg
 
 

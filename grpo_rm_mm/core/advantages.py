@@ -7,6 +7,11 @@ The group of a query is its C outputs (the last dim), so for rewards ``r`` (N, C
 
 ``std='population'`` divides the sum of squares by C, ``'unbiased'`` by C - 1. A group whose
 rewards are all equal gets A = 0 exactly (never NaN, even with eps = 0).
+
+With group weights ``w`` (N, C) (rows summing to 1, see :mod:`.weighting`) the statistics are
+taken under ``w``: ``mean_w = sum_j w_j r_j``, ``var_w = sum_j w_j (r_j - mean_w)^2``, times
+``n / (n - 1)`` for ``std='unbiased'`` with ``n`` the weighting's sample size. Uniform weights
+give the formulas above; then ``sum_i w_i A_i = 0`` for every weighting.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ['STD_MODES', 'SCALE_MODES', 'check_advantage_options', 'group_advantages']
+__all__ = ['STD_MODES', 'SCALE_MODES', 'check_advantage_options', 'group_advantages',
+           'weighted_advantages']
 
 STD_MODES = ('population', 'unbiased')
 SCALE_MODES = ('std', 'none')
@@ -33,9 +39,11 @@ def check_advantage_options(std: str, eps: float, scale: str) -> None:
 
 
 def group_advantages(rewards: Tensor, std: str = 'population', eps: float = 1e-6,
-                     scale: str = 'std') -> Tensor:
+                     scale: str = 'std', weights: Tensor | None = None,
+                     sample_size: Tensor | None = None) -> Tensor:
     """Advantages (N, C) from rewards (N, C), normalised within each row (the group).
 
+    ``weights`` (N, C) and ``sample_size`` (N, 1) come from a group weighting (None: uniform).
     The result is detached (advantages are constants of the objective).
     """
     check_advantage_options(std, eps, scale)
@@ -52,6 +60,12 @@ def group_advantages(rewards: Tensor, std: str = 'population', eps: float = 1e-6
     if n_bad:
         raise ValueError(f'{n_bad} non-finite reward value(s) in rewards of shape '
                          f'{tuple(r.shape)}; check the reward functions and their weights')
+    if weights is not None:
+        if tuple(weights.shape) != tuple(r.shape):
+            raise ValueError(f'weights of shape {tuple(weights.shape)} do not match rewards of '
+                             f'shape {tuple(r.shape)}')
+        return weighted_advantages(r, weights.detach().to(r.dtype), std, eps, scale,
+                                   sample_size)
     flat = (r.amax(dim=-1, keepdim=True) == r.amin(dim=-1, keepdim=True))
     centred = r - r.mean(dim=-1, keepdim=True)
     if scale == 'std':
@@ -67,3 +81,32 @@ def group_advantages(rewards: Tensor, std: str = 'population', eps: float = 1e-6
     else:
         adv = torch.where(flat, torch.zeros_like(centred), centred)
     return adv
+
+
+def weighted_advantages(r: Tensor, w: Tensor, std: str = 'population', eps: float = 1e-6,
+                        scale: str = 'std', sample_size: Tensor | None = None) -> Tensor:
+    """Advantages (N, C) under group weights ``w`` (N, C); unchecked (the caller validates).
+
+    ``A = (r - mean_w) / (sd_w + eps)`` (``scale='std'``) or ``r - mean_w`` (``'none'``);
+    a group with ``var_w = 0`` (all its weight on equal rewards) gets A = 0 exactly.
+    """
+    total = w.sum(dim=-1, keepdim=True)
+    centred = r - (w * r).sum(dim=-1, keepdim=True) / total
+    # flat: every output with weight has the same reward (exact, unlike var_w == 0 in floats)
+    weighted = w > 0
+    top = r.masked_fill(~weighted, float('-inf')).amax(dim=-1, keepdim=True)
+    bottom = r.masked_fill(~weighted, float('inf')).amin(dim=-1, keepdim=True)
+    flat = top <= bottom
+    # as in group_advantages: the squares are taken of centred / max|centred| (in [-1, 1])
+    mag = centred.abs().amax(dim=-1, keepdim=True)
+    mag = torch.where(mag > 0, mag, torch.ones_like(mag))
+    unit = centred / mag
+    var = (w * unit.square()).sum(dim=-1, keepdim=True) / total
+    if scale == 'none':
+        return torch.where(flat, torch.zeros_like(centred), centred)
+    if std == 'unbiased':
+        if sample_size is None:
+            sample_size = torch.full_like(var, float(r.shape[-1]))
+        var = var * sample_size / (sample_size - 1).clamp_min(torch.finfo(r.dtype).eps)
+    adv = unit / (var.sqrt() + eps / mag)
+    return torch.where(flat, torch.zeros_like(adv), adv)

@@ -19,11 +19,12 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..core.advantages import check_advantage_options
-from ..core.objective import grpo_rm_loss
+from ..core.objective import check_objective_options, grpo_rm_loss
 from .rewards import build_reward
 
 __all__ = ['GRPORMLoss']
@@ -48,6 +49,20 @@ class GRPORMLoss(nn.Module):
         clip_eps: PPO clip range (0.2). beta: weight of the exact KL to pi_ref (0).
         adv_std: 'population' or 'unbiased' std of the group. adv_eps: added to the std.
         adv_scale: 'std' (GRPO) or 'none' (Dr.GRPO: mean-centred only).
+        group_weighting: how the group's outputs are averaged: 'uniform' (1/C, the paper's
+            literal form), 'pi_old' (the exact expectation over pi_old that sampled GRPO
+            estimates; advantage statistics under the same weights) or 'sampled'
+            (``group_size`` draws per query from pi_old, as TRL/verl GRPO).
+        surrogate: 'clip' (PPO) or 'dual_clip' (also floors negative-advantage terms at
+            ``dual_clip_c * A``).
+        clip_eps_low, clip_eps_high: asymmetric clip range ``[1 - low, 1 + high]`` (each
+            defaults to ``clip_eps``; ``high > low`` is clip-higher).
+        dual_clip_c: the dual clip's c (3).
+        group_size: draws per query for 'sampled' (8).
+        seed: seed of the 'sampled' draws. Each outer call draws with a generator seeded from
+            (seed, call counter, rank); the counter is a buffer, so ``--resume`` continues the
+            same sequence, and inner steps on a cached batch pass back ``group_seed`` (see
+            ``last_group_seed``) to reuse that batch's draws.
         loss_weight: multiplies the loss.
         ignore_index: label of unlabelled pixels (255), used for dense (N, C, H, W)
             predictions; for (N, C) predictions only an ``ignore_index`` passed to ``forward``
@@ -57,14 +72,19 @@ class GRPORMLoss(nn.Module):
             call (for foreign heads; GRPO-RM heads set False and merge ``last_diagnostics``).
 
     ``avg_factor`` is accepted and ignored: the loss is already a mean over valid queries.
-    After each call, ``last_diagnostics`` holds detached scalars (see ``grpo_rm_loss``).
+    After each call, ``last_diagnostics`` holds detached scalars (see ``grpo_rm_loss``) and
+    ``grpo_ignored_batches``, the number of calls so far whose queries were all ignored (they
+    give a zero loss with zero gradients, and a warning the first time).
     """
 
     def __init__(self, rewards: Sequence[dict | Callable] | dict | None = DEFAULT_REWARDS,
                  clip_eps: float = 0.2, beta: float = 0.0, adv_std: str = 'population',
                  adv_eps: float = 1e-6, adv_scale: str = 'std', loss_weight: float = 1.0,
                  ignore_index: int | None = 255, loss_name: str = 'loss_grpo',
-                 log_diagnostics: bool = True) -> None:
+                 log_diagnostics: bool = True, group_weighting: str = 'uniform',
+                 surrogate: str = 'clip', clip_eps_low: float | None = None,
+                 clip_eps_high: float | None = None, dual_clip_c: float = 3.0,
+                 group_size: int = 8, seed: int = 0) -> None:
         super().__init__()
         for name, value, low in (('clip_eps', clip_eps, 'gt'), ('beta', beta, 'ge'),
                                  ('loss_weight', loss_weight, 'ge')):
@@ -73,6 +93,13 @@ class GRPORMLoss(nn.Module):
                 bound = '> 0' if low == 'gt' else '>= 0'
                 raise ValueError(f'GRPORMLoss: {name}={value!r} must be a finite number {bound}')
         check_advantage_options(adv_std, adv_eps, adv_scale)
+        try:
+            check_objective_options(group_weighting, surrogate, clip_eps, clip_eps_low,
+                                    clip_eps_high, dual_clip_c, group_size)
+        except ValueError as err:
+            raise ValueError(f'GRPORMLoss: {err}') from None
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f'GRPORMLoss: seed={seed!r} must be an int')
         if not isinstance(loss_name, str) or not loss_name.startswith('loss_'):
             raise ValueError(f'GRPORMLoss: loss_name={loss_name!r} must start with "loss_" '
                              f'(mmengine only sums and backpropagates keys containing "loss")')
@@ -98,6 +125,20 @@ class GRPORMLoss(nn.Module):
         self.ignore_index = ignore_index
         self._loss_name = loss_name
         self.log_diagnostics = bool(log_diagnostics)
+        self.group_weighting = group_weighting
+        self.surrogate = surrogate
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+        self.dual_clip_c = float(dual_clip_c)
+        self.group_size = group_size
+        self.seed = seed
+        # outer calls that drew a group ('sampled' only); a buffer so that it is checkpointed
+        self.register_buffer('group_draws', torch.zeros((), dtype=torch.long)
+                             if group_weighting == 'sampled' else None)
+        self._group_draws_host: int | None = 0
+        self._register_load_state_dict_pre_hook(self._forget_host_draws)
+        self.last_group_seed: int | None = None
+        self.ignored_batches = 0
         self.last_diagnostics: dict[str, Tensor] = {}
         self._warned_kwargs: set[str] = set()
 
@@ -107,10 +148,36 @@ class GRPORMLoss(nn.Module):
         return self._loss_name
 
     def extra_repr(self) -> str:
-        return (f'rewards={self.reward_fns}, clip_eps={self.clip_eps}, beta={self.beta}, '
+        return (f'rewards={self.reward_fns}, group_weighting={self.group_weighting!r}, '
+                f'surrogate={self.surrogate!r}, clip_eps={self.clip_eps}, beta={self.beta}, '
                 f'adv_std={self.adv_std!r}, adv_eps={self.adv_eps}, '
                 f'adv_scale={self.adv_scale!r}, loss_weight={self.loss_weight}, '
                 f'ignore_index={self.ignore_index}')
+
+    # ------------------------------------------------------------------ sampled groups
+    def _forget_host_draws(self, *args) -> None:
+        self._group_draws_host = None  # re-read from the loaded buffer on the next draw
+
+    def _next_group_seed(self) -> int:
+        """A fresh seed from (seed, draw counter, rank); advances the counter."""
+        if self._group_draws_host is None:
+            self._group_draws_host = int(self.group_draws)
+        count = self._group_draws_host
+        self._group_draws_host = count + 1
+        self.group_draws.fill_(count + 1)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(
+            hash((self.seed, count, rank)) % 2**63)))
+
+    def _generator(self, device: torch.device, group_seed: int | None) -> torch.Generator | None:
+        """The generator of this call's draws ('sampled' only): from ``group_seed`` when an
+        inner step passes it back, else from a fresh seed (kept in ``last_group_seed``)."""
+        if self.group_weighting != 'sampled':
+            return None
+        if group_seed is None:
+            group_seed = self._next_group_seed()
+        self.last_group_seed = group_seed
+        return torch.Generator(device=device).manual_seed(group_seed)
 
     def _rewards(self, probs: Tensor, labels: Tensor) -> Tensor:
         total = torch.zeros_like(probs)
@@ -161,8 +228,9 @@ class GRPORMLoss(nn.Module):
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
                 avg_factor: float | None = None, ignore_index: int | None = None,
                 old_logits: Tensor | None = None, ref_logits: Tensor | None = None,
-                **kwargs) -> Tensor:
-        """Scalar loss; see the class docstring for the shapes."""
+                group_seed: int | None = None, **kwargs) -> Tensor:
+        """Scalar loss; see the class docstring for the shapes. ``group_seed``: reuse the
+        draws of an earlier call ('sampled'; GRPO-RM heads pass it in inner steps)."""
         for key, value in kwargs.items():
             if key == 'reduction_override' and value not in (None, 'mean'):
                 raise ValueError(f'GRPORMLoss: reduction_override={value!r} is not supported; '
@@ -178,11 +246,26 @@ class GRPORMLoss(nn.Module):
         loss, diagnostics = grpo_rm_loss(
             logits, labels, self._rewards, old_logits=old, ref_logits=ref,
             clip_eps=self.clip_eps, beta=self.beta, ignore_index=ignore_index, weight=w,
-            adv_std=self.adv_std, adv_eps=self.adv_eps, adv_scale=self.adv_scale)
+            adv_std=self.adv_std, adv_eps=self.adv_eps, adv_scale=self.adv_scale,
+            group_weighting=self.group_weighting, surrogate=self.surrogate,
+            clip_eps_low=self.clip_eps_low, clip_eps_high=self.clip_eps_high,
+            dual_clip_c=self.dual_clip_c, group_size=self.group_size,
+            generator=self._generator(logits.device, group_seed))
+        if float(diagnostics['grpo_queries']) == 0:
+            self._note_ignored_batch(tuple(pred.shape), ignore_index)
+        diagnostics['grpo_ignored_batches'] = torch.tensor(float(self.ignored_batches))
         self.last_diagnostics = {k: v.detach() for k, v in diagnostics.items()}
         if self.log_diagnostics:
             self._push_to_message_hub()
         return self.loss_weight * loss
+
+    def _note_ignored_batch(self, shape: tuple[int, ...], ignore_index: int | None) -> None:
+        self.ignored_batches += 1
+        if self.ignored_batches == 1:
+            warnings.warn(f'GRPORMLoss: every query of a batch of shape {shape} is ignored '
+                          f'(ignore_index={ignore_index}); it contributes a zero loss and zero '
+                          f'gradients, and the run goes on. The logged grpo_ignored_batches '
+                          f'counts such batches; this warning is given once.', stacklevel=3)
 
     def _push_to_message_hub(self) -> None:
         """``train/grpo_*`` scalars in the current MessageHub, if one exists (no new one)."""

@@ -207,8 +207,6 @@ def test_dense_shape_errors_give_both_shapes() -> None:
         loss_fn(logits, torch.zeros(2, 3, 3, dtype=torch.long), old_logits=torch.zeros(2, 4, 3, 4))
     with pytest.raises(ValueError, match=r'weight of shape \(2, 3\)'):
         loss_fn(logits, torch.zeros(2, 3, 3, dtype=torch.long), weight=torch.ones(2, 3))
-    with pytest.raises(ValueError, match='every one of the 18 queries is ignored'):
-        loss_fn(logits, torch.full((2, 3, 3), 255))
     with pytest.raises(ValueError, match='label 9 at query'):
         loss_fn(logits, torch.full((2, 3, 3), 9))
 
@@ -251,3 +249,92 @@ def test_drop_in_loss_decode_of_fcn_head() -> None:
     assert torch.isfinite(head.conv_seg.weight.grad).all()
     assert head.conv_seg.weight.grad.abs().sum() > 0
     assert hub.get_scalar('train/grpo_acc').current() >= 0.0
+
+
+def test_all_ignored_dense_batch_gives_connected_zero_counted_and_warned_once() -> None:
+    loss_fn = GRPORMLoss(log_diagnostics=False)
+    logits = torch.randn(2, 4, 3, 3, requires_grad=True)
+    labels = torch.full((2, 3, 3), 255)
+    with pytest.warns(UserWarning, match=r'every query of a batch of shape \(2, 4, 3, 3\) is '
+                      r'ignored \(ignore_index=255\).*grpo_ignored_batches'):
+        loss = loss_fn(logits, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    assert loss_fn.last_diagnostics['grpo_ignored_batches'].item() == 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no second warning
+        loss_fn(logits, labels)
+    assert loss_fn.last_diagnostics['grpo_ignored_batches'].item() == 2
+    labels[0, 0, 0] = 1  # one labelled pixel: an ordinary batch again, the count stays
+    loss_fn(logits, labels)
+    assert loss_fn.last_diagnostics['grpo_ignored_batches'].item() == 2
+    assert loss_fn.last_diagnostics['grpo_queries'].item() == 1
+
+
+# ---------------------------------------------------------------------- objective options
+@pytest.mark.parametrize('weighting', ['uniform', 'pi_old', 'sampled'])
+@pytest.mark.parametrize('surrogate', ['clip', 'dual_clip'])
+def test_dense_each_weighting_matches_the_core_on_valid_pixels(weighting, surrogate) -> None:
+    from grpo_rm_mm.core import accuracy_reward, grpo_rm_loss, uniformity_reward
+
+    logits, label = _seg_batch(5)
+    old = logits + 0.8 * torch.randn(logits.shape, dtype=D,
+                                     generator=torch.Generator().manual_seed(6))
+    opts = dict(group_weighting=weighting, surrogate=surrogate, clip_eps_high=0.28,
+                dual_clip_c=2.0)
+    loss_fn = GRPORMLoss(log_diagnostics=False, seed=9, **opts)
+    z = logits.clone().requires_grad_(True)
+    loss_fn(z, label, old_logits=old).backward()
+    flat_z = logits.permute(0, 2, 3, 1).reshape(-1, 4).clone().requires_grad_(True)
+    flat_old = old.permute(0, 2, 3, 1).reshape(-1, 4)
+    gen = None
+    if weighting == 'sampled':
+        gen = torch.Generator().manual_seed(loss_fn.last_group_seed)
+    expected, _ = grpo_rm_loss(flat_z, label.reshape(-1), [accuracy_reward, uniformity_reward],
+                               old_logits=flat_old, ignore_index=255, generator=gen, **opts)
+    expected.backward()
+    grad = z.grad.permute(0, 2, 3, 1).reshape(-1, 4)
+    torch.testing.assert_close(grad, flat_z.grad, rtol=1e-12, atol=1e-15)
+    ignored = label.reshape(-1) == 255
+    assert int(ignored.sum()) == 4
+    assert torch.equal(grad[ignored], torch.zeros(4, 4, dtype=D))
+
+
+def test_sampled_draws_are_seeded_resumable_and_reusable() -> None:
+    logits = torch.randn(64, 10, dtype=D, generator=torch.Generator().manual_seed(0))
+    old = logits + 0.5
+    y = torch.arange(64) % 10
+    a = GRPORMLoss(group_weighting='sampled', seed=3, log_diagnostics=False)
+    first = a(logits, y, old_logits=old).item()
+    seed_1 = a.last_group_seed
+    second = a(logits, y, old_logits=old).item()
+    assert a.last_group_seed != seed_1 and first != second
+    # the same seed gives the same sequence
+    b = GRPORMLoss(group_weighting='sampled', seed=3, log_diagnostics=False)
+    assert b(logits, y, old_logits=old).item() == first
+    # resume: the draw counter is in the state dict
+    state = {k: v.clone() for k, v in b.state_dict().items()}
+    assert 'group_draws' in state
+    resumed = GRPORMLoss(group_weighting='sampled', seed=3, log_diagnostics=False)
+    resumed.load_state_dict(state)
+    assert resumed(logits, y, old_logits=old).item() == second
+    # an inner step passes the batch's group_seed back and gets the same draws
+    assert a(logits, y, old_logits=old, group_seed=seed_1).item() == first
+    assert a.last_group_seed == seed_1
+    # other weightings have no draw counter in their state
+    assert 'group_draws' not in GRPORMLoss(group_weighting='pi_old').state_dict()
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(group_weighting='expected'), r"GRPORMLoss: group_weighting='expected' is unknown; "
+                                       r"use one of \('uniform', 'pi_old', 'sampled'\)"),
+    (dict(surrogate='ppo'), r"GRPORMLoss: surrogate='ppo' is unknown; use one of"),
+    (dict(surrogate='dual_clip', dual_clip_c=1.0), r'dual_clip_c=1.0 must be > 1 \+'),
+    (dict(clip_eps_low=0.0), r'clip_eps_low=0.0 must be > 0'),
+    (dict(group_weighting='sampled', group_size=0), r'group_size=0 must be an int >= 2'),
+    (dict(seed='0'), r"seed='0' must be an int"),
+])
+def test_bad_objective_options_in_the_loss_config(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        GRPORMLoss(**kwargs)

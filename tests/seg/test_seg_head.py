@@ -164,10 +164,16 @@ class TestLoss:
                       None)
         assert 'ok.png' not in str(err.value)
 
-    def test_all_ignored_batch_raises(self) -> None:
+    def test_all_ignored_batch_is_a_zero_loss_with_zero_gradients(self) -> None:
+        head = build_head()
         labels = torch.full((1, 6, 6), 255)
-        with pytest.raises(ValueError):
-            build_head().loss([torch.randn(1, 8, 6, 6)], samples(labels), None)
+        with pytest.warns(UserWarning, match='is ignored'):
+            losses = head.loss([torch.randn(1, 8, 6, 6)], samples(labels), None)
+        losses['loss_grpo'].backward()
+        assert losses['loss_grpo'].item() == 0.0
+        assert losses['grpo_ignored_batches'].item() == 1
+        grads = [p.grad for p in head.parameters() if p.requires_grad]
+        assert grads and all(g is not None and not g.any() for g in grads)
 
     def test_cross_entropy_baseline_in_the_same_head(self) -> None:
         # avg_non_ignore=True (configs/ce_voc.py): the mean over labelled pixels, as GRPO-RM

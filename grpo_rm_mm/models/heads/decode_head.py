@@ -175,12 +175,14 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
             f'unlabelled pixels with {self.ignore_index}')
 
     def _losses(self, logits: Tensor, seg_label: Tensor, old_logits: Tensor | None,
-                ref_logits: Tensor | None) -> dict[str, Tensor]:
+                ref_logits: Tensor | None,
+                group_seeds: list[int | None] | None = None) -> dict[str, Tensor]:
         """Loss dict as ``BaseDecodeHead.loss_by_feat`` with GRPO-RM inputs and diagnostics.
 
         logits, old_logits, ref_logits: (N, C, h, w); seg_label: (N, 1, H, W). Every logit map
         is resized to (H, W) first (bilinear, hence pi_old/pi_ref resized = resized then
-        detached).
+        detached). ``group_seeds``: per loss module, the seed of the sampled group to reuse
+        (inner steps), else None.
         """
         size = seg_label.shape[2:]
 
@@ -197,7 +199,8 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
         for i, loss_decode in enumerate(self._loss_modules()):
             kwargs = dict(weight=seg_weight, ignore_index=self.ignore_index)
             if is_grpo_loss(loss_decode):
-                kwargs.update(old_logits=old_logits, ref_logits=ref_logits)
+                kwargs.update(old_logits=old_logits, ref_logits=ref_logits,
+                              group_seed=group_seeds[i] if group_seeds else None)
             value = loss_decode(seg_logits, label, **kwargs)
             name = loss_decode.loss_name
             losses[name] = losses[name] + value if name in losses else value
@@ -222,15 +225,18 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
                 ref_logits = self.ref_layers(x.detach())
         losses = self._losses(logits, seg_label, old_logits, ref_logits)
         if self.grpo_cache_enabled:
+            # group_seeds: the inner steps reuse this batch's sampled groups, if any
+            seeds = [getattr(m, 'last_group_seed', None) for m in self._loss_modules()]
             self.grpo_cache_append(dict(feats=x.detach(), seg_label=seg_label,
-                                        old_logits=old_logits, ref_logits=ref_logits))
+                                        old_logits=old_logits, ref_logits=ref_logits,
+                                        group_seeds=seeds))
         return losses
 
     def _grpo_inner_loss(self, item: dict) -> dict[str, Tensor]:
         """Loss of a further inner step on a cached batch: new logits from the cached detached
         features, the same pi_old/pi_ref and labels (so the ratio moves and the clip acts)."""
         return self._losses(self._logits(item['feats']), item['seg_label'],
-                            item['old_logits'], item['ref_logits'])
+                            item['old_logits'], item['ref_logits'], item.get('group_seeds'))
 
     # ------------------------------------------------------------------ reference
     def _sync_reference(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets.writers import write_cifar10, write_tiny_imagenet, write_voc2012
+from .datasets.writers import write_cifar10, write_tiny_imagenet, write_voc2012, write_voc_aug
 
 
 def class_colours(num_classes: int, seed: int = 0) -> np.ndarray:
@@ -93,12 +93,18 @@ def segmentation_sample(rng: np.random.Generator, size: int, num_classes: int,
 
 
 def make_voc2012(root: str | Path, n_train: int = 16, n_val: int = 8, size: int = 64,
-                 num_classes: int = 21, seed: int = 0) -> Path:
-    """Write a learnable Pascal VOC 2012 folder; returns ``root/VOCdevkit/VOC2012``."""
+                 num_classes: int = 21, seed: int = 0, n_aug: int = 0) -> Path:
+    """Write a learnable Pascal VOC 2012 folder; returns ``root/VOCdevkit/VOC2012``. With
+    ``n_aug > 0`` it also holds an SBD-style aug set of that many more images
+    (``SegmentationClassAug``, ``aug.txt``; see :func:`~.datasets.writers.write_voc_aug`)."""
     rng = np.random.default_rng(seed)
     colours = class_colours(num_classes, seed)
     pairs = [segmentation_sample(rng, size, num_classes, colours)
              for _ in range(n_train + n_val)]
     train, val = list(range(n_train)), list(range(n_train, n_train + n_val))
-    return write_voc2012(root, [p[0] for p in pairs], [p[1] for p in pairs],
-                         {'train': train, 'val': val, 'trainval': train + val})
+    voc = write_voc2012(root, [p[0] for p in pairs], [p[1] for p in pairs],
+                        {'train': train, 'val': val, 'trainval': train + val})
+    if n_aug:
+        aug = [segmentation_sample(rng, size, num_classes, colours) for _ in range(n_aug)]
+        write_voc_aug(voc, [p[0] for p in aug], [p[1] for p in aug])
+    return voc

@@ -5,7 +5,9 @@ same dataset classes and pipelines that read real Pascal VOC 2012, CIFAR-10 and 
 read these too:
 
 - Pascal VOC 2012: ``VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png (palette),
-  ImageSets/Segmentation/{train,val,trainval}.txt}``.
+  ImageSets/Segmentation/{train,val,trainval}.txt}``; the SBD "aug" set as mmseg's
+  ``tools/dataset_converters/voc_aug.py`` leaves it: ``SegmentationClassAug/*.png`` (grey
+  label PNGs, also for the VOC images) and ``ImageSets/Segmentation/aug.txt``.
 - CIFAR-10 (python version): ``cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``,
   each a pickle of ``{'data': uint8 (N, 3072) rows in CHW order, 'labels': list[int], ...}``
   (the release was pickled by Python 2, so its keys load as ``str`` with ``encoding='latin1'``,
@@ -76,6 +78,37 @@ def write_voc2012(root: str | Path, images: Sequence[np.ndarray], masks: Sequenc
     for split, idx in splits.items():
         (voc / 'ImageSets' / 'Segmentation' / f'{split}.txt').write_text(
             ''.join(f'{names[i]}\n' for i in idx))
+    return voc
+
+
+def write_voc_aug(voc: str | Path, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                  prefix: str = '2008_') -> Path:
+    """Add an SBD-style aug set to the VOC 2012 folder ``voc`` (from :func:`write_voc2012`).
+
+    As mmseg's converter does, every mask of ``SegmentationClass`` is also written to
+    ``SegmentationClassAug`` as a grey PNG, and the new images (JPEGImages) with their grey
+    masks form ``ImageSets/Segmentation/aug.txt``. Returns ``voc``.
+
+    Args:
+        images: (H, W, 3) uint8 RGB arrays of the aug set.
+        masks: (H, W) uint8 label maps (0..20, 255 = ignore), same size as their image.
+    """
+    if len(images) != len(masks):
+        raise ValueError(f'{len(images)} images but {len(masks)} masks')
+    voc = Path(voc)
+    aug = voc / 'SegmentationClassAug'
+    aug.mkdir(parents=True, exist_ok=True)
+    for png in sorted((voc / 'SegmentationClass').glob('*.png')):
+        Image.fromarray(np.array(Image.open(png)), mode='L').save(aug / png.name)
+    names = [f'{prefix}{i:06d}' for i in range(len(images))]
+    for name, img, mask in zip(names, images, masks):
+        if img.shape[:2] != mask.shape or mask.dtype != np.uint8:
+            raise ValueError(f'{name}: image {img.shape[:2]} and uint8 mask {mask.shape} '
+                             f'({mask.dtype}) must have the same size')
+        Image.fromarray(img).save(voc / 'JPEGImages' / f'{name}.jpg', quality=95)
+        Image.fromarray(mask, mode='L').save(aug / f'{name}.png')
+    (voc / 'ImageSets' / 'Segmentation' / 'aug.txt').write_text(
+        ''.join(f'{n}\n' for n in names))
     return voc
 
 

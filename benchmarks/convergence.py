@@ -1,10 +1,12 @@
-"""Convergence of GRPO-RM vs cross-entropy heads on frozen features (issue 6, benchmark 2).
+"""Convergence of GRPO-RM vs cross-entropy heads on frozen features.
 
 Both heads are the identical ``GRPORMClsHead`` MLP (1280 -> 256 -> 10) of the demo model, from
 the same initial weights, trained on the same batch sequence (batch 1024, Adam lr 1e-3) from
 features of the real frozen ImageNet EfficientNet-Lite0 on real Fashion-MNIST at 64 px (a fixed
 train subset; the full 10k test set). Training runs the registered head's ``loss()`` through
-the optimizer wrappers (``GRPOOptimWrapper`` / ``OptimWrapper``). Test top-1 is recorded every
+the optimizer wrappers (``GRPOOptimWrapper`` / ``OptimWrapper``). GRPO-RM runs: the paper's
+uniform group weighting with each ``--inner-steps``, and the project default (the objective and
+inner steps of the demo config). Test top-1 is recorded every
 ``--eval-every`` iterations; the script prints the iterations each method needs to reach the
 CE run's final test accuracy (and fractions of it) and plots both curves.
 
@@ -37,7 +39,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0, help='head init and batch order')
     parser.add_argument('--rewards', choices=sorted(c.REWARD_SETS), default=c.DEFAULT_REWARDS)
     parser.add_argument('--inner-steps', type=int, nargs='+', default=[1, 4],
-                        help='one GRPO-RM run per value (default: %(default)s)')
+                        help="one GRPO-RM run with the paper's uniform group weighting per "
+                        'value (default: %(default)s)')
+    parser.add_argument('--config', default='configs/demo/fashion_mnist_grpo_rm.py',
+                        help="also run the GRPO-RM objective and inner_steps of this config's "
+                        'head loss and optimizer wrapper (the project default; "" to skip)')
     parser.add_argument('--fractions', type=float, nargs='+',
                         default=[0.8, 0.9, 0.95, 0.99, 1.0],
                         help='targets as fractions of the CE run\'s final test top-1')
@@ -71,13 +77,24 @@ def plot(runs: list[c.Run], target: float, path: Path, title: str, xlabel: str) 
     plt.close(fig)
 
 
+def config_objective(path: str) -> tuple[dict, int]:
+    """The objective options of a config's GRPORMLoss (other than its rewards, clip_eps and
+    beta, which the runs here share) and its optimizer wrapper's ``inner_steps``."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(path)
+    loss = dict(cfg.model.head.loss)
+    options = {k: v for k, v in loss.items()
+               if k not in ('type', 'rewards', 'clip_eps', 'beta')}
+    return options, int(cfg.optim_wrapper.get('inner_steps', 1))
+
+
 def main() -> None:
     args = parse_args()
     c.setup(args.threads)
     with c.tee_stdout(args.out):
         t_start = time.perf_counter()
-        c.print_header('convergence, GRPO-RM vs CE heads on frozen features (issue 6, '
-                       'benchmark 2)')
+        c.print_header('convergence, GRPO-RM vs CE heads on frozen features')
         demo = c.prepare_demo(args.data_dir)
         train_x, train_y = c.cached_features(demo, False, args.train_size)
         test_x, test_y = c.cached_features(demo, True)
@@ -89,14 +106,22 @@ def main() -> None:
               f'seed {args.seed}; GRPO-RM rewards {args.rewards}, inner_steps '
               f'{" and ".join(map(str, args.inner_steps))}; test top-1 after every iteration '
               f'up to {args.dense_until}, then every {args.eval_every}')
-        specs = [('CE', 'ce', 1)] + [(f'GRPO-RM ({args.rewards}, inner_steps={k})', 'grpo', k)
-                                     for k in args.inner_steps]
-        models = {name: c.build_model(m, demo.checkpoint, args.rewards, args.seed)
-                  for name, m, _ in specs}
+        uniform = dict(group_weighting='uniform')
+        specs = [('CE', 'ce', 1, {})] + [
+            (f'GRPO-RM uniform ({args.rewards}, inner_steps={k})', 'grpo', k, uniform)
+            for k in args.inner_steps]
+        if args.config:
+            options, k = config_objective(args.config)
+            print(f'# {args.config}: GRPORMLoss options {options}, inner_steps={k}')
+            label = ', '.join(f'{v}' for v in options.values())
+            specs.append((f'GRPO-RM default: {label} ({args.rewards}, inner_steps={k})', 'grpo',
+                          k, options))
+        models = {name: c.build_model(m, demo.checkpoint, args.rewards, args.seed, opts)
+                  for name, m, _, opts in specs}
         for model in models.values():
             c.assert_same_head(models['CE'], model)
         runs = []
-        for name, method, k in specs:
+        for name, method, k, _ in specs:
             wrapper = c.build_wrapper(models[name], method, k, args.lr)
             runs.append(c.train_head(models[name], wrapper, train_x, train_y, test_x, test_y,
                                      args.iters, args.batch_size, args.seed, args.eval_every,

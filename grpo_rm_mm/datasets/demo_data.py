@@ -300,7 +300,8 @@ def prepare_fashion_mnist_corruptions(
         limit: int | None = None,
         seed: int = 0,
         clean_root: str | Path | None = None,
-        scale: int = 2) -> dict[str, Path]:
+        scale: int = 2,
+        train_indices: Sequence[int] | None = None) -> dict[str, Path]:
     """Write Fashion-MNIST-C: the test set under each corruption, one FashionMNIST root each.
 
     ``dst/<corruption>/`` gets ``t10k-images-idx3-ubyte`` (the corrupted 28x28 uint8 test
@@ -319,6 +320,10 @@ def prepare_fashion_mnist_corruptions(
         clean_root: A prepared clean Fashion-MNIST root (:func:`prepare_fashion_mnist`); None:
             prepared in ``dst/clean``.
         scale: The corruptions act on ``scale`` x upsampled images (see :func:`corrupt_gray`).
+        train_indices: Corrupt these *training* images instead of the test set (a held-out
+            validation split for model selection); they are written, in this order, as the
+            ``t10k-*`` files of each folder, so the same ``test_mode=True`` config reads them.
+            ``limit`` then applies to this list.
 
     Returns:
         ``{corruption: folder}``.
@@ -348,17 +353,25 @@ def prepare_fashion_mnist_corruptions(
     for name in IDX_FILES:
         if not _idx_complete(clean / name):
             raise FileNotFoundError(f'{clean / name} is missing; run prepare_fashion_mnist first')
-    images = read_idx(clean / TEST_IMAGES)
-    labels = read_idx(clean / TEST_LABELS)
+    source = 'Fashion-MNIST test set (Debian dataset-fashion-mnist)'
+    if train_indices is None:
+        images = read_idx(clean / TEST_IMAGES)
+        labels = read_idx(clean / TEST_LABELS)
+    else:
+        chosen = np.asarray(train_indices, dtype=np.int64)
+        images = read_idx(clean / TRAIN_IMAGES)[chosen]
+        labels = read_idx(clean / TRAIN_LABELS)[chosen]
+        source = (f'Fashion-MNIST train images {zlib.crc32(chosen.tobytes()):08x} (crc32 of '
+                  f'the {len(chosen)} indices; Debian dataset-fashion-mnist)')
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
 
     out: dict[str, Path] = {}
     for corruption in corruptions:
         folder = dst / corruption
-        meta = dict(source='Fashion-MNIST test set (Debian dataset-fashion-mnist)',
-                    corruption=corruption, severity=severity, seed=seed, num_images=len(images),
-                    scale=scale, imagecorruptions=_version('imagecorruptions'),
+        meta = dict(source=source, corruption=corruption, severity=severity, seed=seed,
+                    num_images=len(images), scale=scale,
+                    imagecorruptions=_version('imagecorruptions'),
                     method='nearest upsample x scale, gray->RGB, corrupt, RGB->gray '
                     '(ITU-R 601), area downsample')
         if not _meta_matches(folder, meta, (TEST_IMAGES, TEST_LABELS)):

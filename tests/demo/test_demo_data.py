@@ -18,6 +18,7 @@ from grpo_rm_mm.datasets.demo_data import (
     TEST_LABELS,
     TRAIN_IMAGES,
     TRAIN_LABELS,
+    _image_seed,
     corrupt_gray,
     digits_to_mnist_frame,
     find_fashion_mnist_gz,
@@ -183,6 +184,26 @@ def test_corruptions_deterministic_labels_kept(fmnist_root, tmp_path):
     np.random.seed(123)
     corrupt_gray(clean_x[0], 'gaussian_noise', 3, seed=7)
     assert np.random.rand() == expected
+
+
+@needs_fashion_mnist
+def test_corruptions_of_held_out_training_images(fmnist_root, tmp_path):
+    # a validation OOD set: the chosen training images, in order, corrupted and read back
+    # through the test-mode files; the same images as the clean training set at those indices
+    idx = [59999, 3, 17, 40000, 8]
+    out = prepare_fashion_mnist_corruptions(tmp_path / 'val', ('contrast', ), limit=4, seed=1,
+                                            clean_root=fmnist_root, train_indices=idx)
+    x, y = _load(FashionMNIST, out['contrast'], test=True)
+    train_x, train_y = read_idx(fmnist_root / TRAIN_IMAGES), read_idx(fmnist_root / TRAIN_LABELS)
+    np.testing.assert_array_equal(y, train_y[idx[:4]])
+    expected = np.stack([corrupt_gray(train_x[i], 'contrast', 3, _image_seed(1, 'contrast', k))
+                         for k, i in enumerate(idx[:4])])
+    np.testing.assert_array_equal(x, expected)
+    # other indices: another set (the meta records them), rewritten
+    other = prepare_fashion_mnist_corruptions(tmp_path / 'val', ('contrast', ), limit=4, seed=1,
+                                              clean_root=fmnist_root, train_indices=idx[::-1])
+    np.testing.assert_array_equal(_load(FashionMNIST, other['contrast'], test=True)[1],
+                                  train_y[idx[::-1][:4]])
 
 
 def test_corruption_arguments_checked(tmp_path):

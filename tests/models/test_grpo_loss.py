@@ -22,7 +22,8 @@ def one_hot_advantages(labels: list[int], c: int) -> np.ndarray:
     return a
 
 
-ACC_ONLY = dict(rewards=[dict(type='AccuracyReward')], adv_eps=0.0)
+# the uniform weighting's closed forms: -A/(C N) at ratio 1
+ACC_ONLY = dict(rewards=[dict(type='AccuracyReward')], adv_eps=0.0, group_weighting='uniform')
 
 
 # ---------------------------------------------------------------------- rewards

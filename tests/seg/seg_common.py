@@ -25,14 +25,19 @@ def last_metric(log: str, name: str) -> float:
 
 
 def grpo_logit_grad(logits: np.ndarray, labels: np.ndarray, ignore_index: int = 255,
-                    eps: float = 1e-6) -> np.ndarray:
-    """d loss / d logits of the default GRPO-RM loss at ratio 1 (method.md sections 2-4, 6).
+                    eps: float = 1e-6, weighting: str | None = None) -> np.ndarray:
+    """d loss / d logits of the GRPO-RM loss with its default rewards at ratio 1 (method.md
+    sections 2-4, 6), for the 'uniform' or 'pi_old' group weighting (None: GRPORMLoss's
+    default).
 
     logits (Q, C) (one row per pixel), labels (Q,). Rewards r = accuracy + uniformity with
-    p = softmax(logits); A = (r - mean r) / (population std r + eps) per row; the loss is the
-    mean over valid rows of -(1/G) sum_i ratio_i A_i, so row q gets -A_q / (G * n_valid) and
-    ignored rows get 0.
+    p = softmax(logits); weights w = 1/C or p; A = (r - mean_w r) / (std_w r + eps) per row
+    (population std under w); the loss is the mean over valid rows of -sum_i w_i ratio_i A_i,
+    so row q gets -w_q A_q / n_valid and ignored rows get 0.
     """
+    if weighting is None:
+        from grpo_rm_mm.models.losses import GRPORMLoss
+        weighting = GRPORMLoss().group_weighting
     q, c = logits.shape
     valid = labels != ignore_index
     grad = np.zeros_like(logits, dtype=np.float64)
@@ -44,8 +49,11 @@ def grpo_logit_grad(logits: np.ndarray, labels: np.ndarray, ignore_index: int = 
     p_y = p[np.arange(len(y)), y][:, None]
     r_uni = -(p / (1 - p_y) - 1.0 / (c - 1)) * (1 - onehot)
     r = onehot + r_uni
-    adv = (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + eps)
-    grad[valid] = -adv / (c * valid.sum())
+    w = {'uniform': np.full_like(p, 1.0 / c), 'pi_old': p}[weighting]
+    mean = (w * r).sum(1, keepdims=True)
+    std = np.sqrt((w * (r - mean) ** 2).sum(1, keepdims=True))
+    adv = (r - mean) / (std + eps)
+    grad[valid] = -w * adv / valid.sum()
     return grad
 
 

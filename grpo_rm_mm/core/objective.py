@@ -161,16 +161,21 @@ def _check_labels(labels: Tensor, n: int, logits_shape: tuple[int, ...]) -> None
         raise ValueError(f'labels must be integer class indices, got dtype {labels.dtype}')
 
 
+def check_valid_argument(valid: object, n: int) -> None:
+    """``valid`` must be None or a bool tensor of shape (n,)."""
+    if valid is not None and (not torch.is_tensor(valid) or tuple(valid.shape) != (n, )
+                              or valid.dtype != torch.bool):
+        raise ValueError(f'valid must be a bool tensor of shape ({n},), got '
+                         f'{_shape(valid)} {getattr(valid, "dtype", "")}')
+
+
 def _valid_mask(labels: Tensor, valid: Tensor | None, ignore_index: int | None,
                 c: int) -> Tensor:
     n = labels.shape[0]
     if valid is None:
         mask = torch.ones(n, dtype=torch.bool, device=labels.device)
     else:
-        if not torch.is_tensor(valid) or tuple(valid.shape) != (n, ) \
-                or valid.dtype != torch.bool:
-            raise ValueError(f'valid must be a bool tensor of shape ({n},), got '
-                             f'{_shape(valid)} {getattr(valid, "dtype", "")}')
+        check_valid_argument(valid, n)
         mask = valid.to(labels.device)
     if ignore_index is not None:
         mask = mask & (labels != ignore_index)
@@ -204,6 +209,47 @@ def _rewards(spec: RewardSpec, probs: Tensor, labels: Tensor, mask: Tensor,
             r = r + term.detach().to(probs.dtype)
     _check_finite('rewards', r)
     return r
+
+
+def check_call(logits: Tensor, labels: Tensor, old_logits: Tensor | None,
+               ref_logits: Tensor | None, clip_eps: float, beta: float, *,
+               weight: Tensor | None, adv_std: str, adv_eps: float, adv_scale: str,
+               group_weighting: str, surrogate: str, clip_eps_low: float | None,
+               clip_eps_high: float | None, dual_clip_c: float,
+               group_size: int) -> tuple[float, float, float]:
+    """The data-independent checks of a :func:`grpo_rm_loss` call (options, shapes, dtypes;
+    no host synchronisation), in the order that call makes them; returns
+    ``(beta, eps_low, eps_high)``. The fused objective makes the same checks, so both give
+    the same errors."""
+    beta = _check_float('beta', beta, positive=False)
+    eps_low, eps_high = check_objective_options(group_weighting, surrogate, clip_eps,
+                                                clip_eps_low, clip_eps_high, dual_clip_c,
+                                                group_size)
+    check_advantage_options(adv_std, adv_eps, adv_scale)
+    if not torch.is_tensor(logits) or logits.ndim != 2:
+        raise ValueError(f'logits must have shape (N, C), got {_shape(logits)}; flatten dense '
+                         f'predictions (N, C, H, W) into pixels first (GRPORMLoss does)')
+    n, c = logits.shape
+    if n == 0:
+        raise ValueError(f'empty batch: logits of shape {tuple(logits.shape)} have no query')
+    if c < 2:
+        raise ValueError(f'a group needs C >= 2 outputs (classes), got logits of shape '
+                         f'{tuple(logits.shape)}')
+    if not logits.is_floating_point():
+        raise ValueError(f'logits must be floating point, got dtype {logits.dtype}')
+    for name, other in (('old_logits', old_logits), ('ref_logits', ref_logits)):
+        if other is not None and (not torch.is_tensor(other)
+                                  or tuple(other.shape) != tuple(logits.shape)):
+            raise ValueError(f'{name} of shape {_shape(other)} do not match logits of shape '
+                             f'{tuple(logits.shape)}')
+    if beta > 0 and ref_logits is None:
+        raise ValueError(f'beta={beta} > 0 needs ref_logits (the frozen reference policy); '
+                         f'pass them, or set beta=0')
+    _check_labels(labels, n, tuple(logits.shape))
+    if weight is not None and (not torch.is_tensor(weight) or tuple(weight.shape) != (n, )):
+        raise ValueError(f'weight of shape {_shape(weight)} does not match the {n} queries; '
+                         f'expected ({n},)')
+    return beta, eps_low, eps_high
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -256,34 +302,12 @@ def grpo_rm_loss(logits: Tensor, labels: Tensor, rewards: RewardSpec,
             ``grpo_entropy``: mean entropy of pi_theta; ``grpo_acc``: top-1 accuracy of
             ``logits`` in %; ``grpo_queries``: number of valid queries (a CPU tensor).
     """
-    beta = _check_float('beta', beta, positive=False)
-    eps_low, eps_high = check_objective_options(group_weighting, surrogate, clip_eps,
-                                                clip_eps_low, clip_eps_high, dual_clip_c,
-                                                group_size)
-    check_advantage_options(adv_std, adv_eps, adv_scale)
-    if not torch.is_tensor(logits) or logits.ndim != 2:
-        raise ValueError(f'logits must have shape (N, C), got {_shape(logits)}; flatten dense '
-                         f'predictions (N, C, H, W) into pixels first (GRPORMLoss does)')
+    beta, eps_low, eps_high = check_call(
+        logits, labels, old_logits, ref_logits, clip_eps, beta, weight=weight, adv_std=adv_std,
+        adv_eps=adv_eps, adv_scale=adv_scale, group_weighting=group_weighting,
+        surrogate=surrogate, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+        dual_clip_c=dual_clip_c, group_size=group_size)
     n, c = logits.shape
-    if n == 0:
-        raise ValueError(f'empty batch: logits of shape {tuple(logits.shape)} have no query')
-    if c < 2:
-        raise ValueError(f'a group needs C >= 2 outputs (classes), got logits of shape '
-                         f'{tuple(logits.shape)}')
-    if not logits.is_floating_point():
-        raise ValueError(f'logits must be floating point, got dtype {logits.dtype}')
-    for name, other in (('old_logits', old_logits), ('ref_logits', ref_logits)):
-        if other is not None and (not torch.is_tensor(other)
-                                  or tuple(other.shape) != tuple(logits.shape)):
-            raise ValueError(f'{name} of shape {_shape(other)} do not match logits of shape '
-                             f'{tuple(logits.shape)}')
-    if beta > 0 and ref_logits is None:
-        raise ValueError(f'beta={beta} > 0 needs ref_logits (the frozen reference policy); '
-                         f'pass them, or set beta=0')
-    _check_labels(labels, n, tuple(logits.shape))
-    if weight is not None and (not torch.is_tensor(weight) or tuple(weight.shape) != (n, )):
-        raise ValueError(f'weight of shape {_shape(weight)} does not match the {n} queries; '
-                         f'expected ({n},)')
     mask = _valid_mask(labels, valid, ignore_index, c)
     _check_finite('logits', logits.detach())
     for name, other in (('old_logits', old_logits), ('ref_logits', ref_logits)):

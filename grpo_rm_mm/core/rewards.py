@@ -18,8 +18,10 @@ from torch import Tensor
 
 RewardFn = Callable[..., Tensor]
 
-__all__ = ['RewardFn', 'accuracy_reward', 'check_reward_inputs', 'confidence_penalty_reward',
-           'uniformity_reward']
+__all__ = ['RewardFn', 'accuracy_reward', 'accuracy_reward_add_unchecked',
+           'accuracy_reward_unchecked', 'check_reward_inputs',
+           'confidence_penalty_reward', 'confidence_penalty_reward_unchecked',
+           'uniformity_reward', 'uniformity_reward_unchecked']
 
 
 def check_reward_inputs(probs: Tensor, labels: Tensor,
@@ -97,3 +99,62 @@ def confidence_penalty_reward(probs: Tensor, labels: Tensor,
     is_y = _one_hot(labels, p.shape[1], p).bool()
     r = (-p).masked_fill(is_y, 0.0)
     return r * valid.unsqueeze(1).to(r.dtype)
+
+
+# ----------------------------------------------------------------------------- hot path
+# Unchecked kernels for the fused objective (:mod:`.fused`): no validation and no host
+# synchronisation; the class axis is ``dim``; ``probs`` is a distribution along it (finite,
+# >= 0) and ``labels`` (int64, the shape of ``probs`` without ``dim``) are classes in [0, C).
+# They avoid comparisons and ``where`` on (N, C)-sized tensors (several times slower than
+# arithmetic on CPU) and give the checked rewards' values (up to the last bit of a division).
+def accuracy_reward_unchecked(probs: Tensor, labels: Tensor, dim: int = -1,
+                              out: Tensor | None = None) -> Tensor:
+    """:func:`accuracy_reward` without checks: ``1`` at the label, ``0`` elsewhere. ``out``:
+    a tensor of the shape and dtype of ``probs`` to write into (a reused buffer)."""
+    out = torch.zeros_like(probs) if out is None else out.zero_()
+    return out.scatter_(dim, labels.unsqueeze(dim), 1.0)
+
+
+def accuracy_reward_add_unchecked(out: Tensor, labels: Tensor, dim: int = -1,
+                                  scale: float = 1.0) -> Tensor:
+    """Add ``scale *`` :func:`accuracy_reward` to ``out`` in place (only the labels' entries
+    change), without checks: the accuracy reward is sparse, so summing it needs no temporary."""
+    idx = labels.unsqueeze(dim)
+    return out.scatter_add_(dim, idx, torch.full(idx.shape, float(scale), dtype=out.dtype,
+                                                 device=out.device))
+
+
+def uniformity_reward_unchecked(probs: Tensor, labels: Tensor, dim: int = -1,
+                                out: Tensor | None = None) -> Tensor:
+    """:func:`uniformity_reward` without checks:
+    ``r_i = [mass > 0] / (C - 1) - p_i / mass`` for ``i != y`` (``mass = sum_{j != y} p_j``),
+    ``r_y = 0``. ``out`` as in :func:`accuracy_reward_unchecked`."""
+    c = probs.shape[dim]
+    idx = labels.unsqueeze(dim)
+    wrong = probs.detach().clone() if out is None else out.copy_(probs)
+    wrong.scatter_(dim, idx, 0.0)
+    mass = wrong.sum(dim=dim, keepdim=True)
+    base = (mass > 0).to(wrong.dtype) * (1.0 / (c - 1))
+    # base - wrong / mass, rounded as the checked reward's uniform - share
+    r = torch.addcdiv(base, wrong, mass.clamp_min(torch.finfo(wrong.dtype).tiny), value=-1.0,
+                      out=wrong)
+    return r.scatter_(dim, idx, 0.0)
+
+
+def confidence_penalty_reward_unchecked(probs: Tensor, labels: Tensor, dim: int = -1,
+                                        out: Tensor | None = None) -> Tensor:
+    """:func:`confidence_penalty_reward` without checks: ``-p_i`` for ``i != y``, 0 at y.
+    ``out`` as in :func:`accuracy_reward_unchecked`."""
+    r = torch.neg(probs.detach(), out=out) if out is not None else probs.detach().neg()
+    return r.scatter_(dim, labels.unsqueeze(dim), 0.0)
+
+
+# A reward may carry ``unchecked(probs, labels, dim, out=None)`` (its kernel without checks) and
+# ``finite_rewards = True`` (finite values for every finite distribution, which spares the
+# fused objective its non-finite-reward check).
+for _checked, _unchecked in ((accuracy_reward, accuracy_reward_unchecked),
+                             (uniformity_reward, uniformity_reward_unchecked),
+                             (confidence_penalty_reward, confidence_penalty_reward_unchecked)):
+    _checked.unchecked = _unchecked  # type: ignore[attr-defined]
+del _checked, _unchecked
+accuracy_reward.add_unchecked = accuracy_reward_add_unchecked  # type: ignore[attr-defined]

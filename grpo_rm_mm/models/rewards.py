@@ -16,16 +16,31 @@ from collections.abc import Callable
 from mmengine.registry import MODELS
 from torch import Tensor
 
-from ..core.rewards import accuracy_reward, confidence_penalty_reward, uniformity_reward
+from ..core.rewards import (
+    accuracy_reward,
+    accuracy_reward_add_unchecked,
+    confidence_penalty_reward,
+    confidence_penalty_reward_unchecked,
+    uniformity_reward,
+    uniformity_reward_unchecked,
+)
 
 __all__ = ['AccuracyReward', 'BaseReward', 'ConfidencePenaltyReward', 'UniformityReward',
            'build_reward']
 
 
 class BaseReward:
-    """A weighted reward ``weight * fn(probs, labels)``; subclasses set ``fn``."""
+    """A weighted reward ``weight * fn(probs, labels)``; subclasses set ``fn``.
+
+    For the fused objective's hot path a subclass may also set ``unchecked_fn(probs, labels,
+    dim, out=None)`` (``fn`` without input checks, class axis ``dim``) or, for a reward that
+    is non-zero only at the label, ``add_unchecked_fn(out, labels, dim, scale)`` (adds
+    ``scale * r`` to ``out`` in place); :attr:`unchecked` / :attr:`add_unchecked` weight them.
+    """
 
     fn: Callable[..., Tensor]
+    unchecked_fn: Callable[..., Tensor] | None = None
+    add_unchecked_fn: Callable[..., Tensor] | None = None
 
     def __init__(self, weight: float = 1.0) -> None:
         name = type(self).__name__
@@ -41,6 +56,28 @@ class BaseReward:
         """(N, C), (N,) -> (N, C) weighted rewards."""
         return self.weight * type(self).fn(probs, labels, valid)
 
+    @property
+    def unchecked(self) -> Callable[..., Tensor] | None:
+        """``(probs, labels, dim, out=None) -> weight * r`` without checks, or None."""
+        kernel = type(self).unchecked_fn
+        if kernel is None:
+            return None
+
+        def weighted(probs: Tensor, labels: Tensor, dim: int = -1,
+                     out: Tensor | None = None) -> Tensor:
+            r = kernel(probs, labels, dim, out=out)
+            return r if self.weight == 1.0 else r.mul_(self.weight)
+
+        return weighted
+
+    @property
+    def add_unchecked(self) -> Callable[..., Tensor] | None:
+        """``(out, labels, dim)``: adds ``weight * r`` to ``out`` without checks, or None."""
+        kernel = type(self).add_unchecked_fn
+        if kernel is None:
+            return None
+        return lambda out, labels, dim=-1: kernel(out, labels, dim, scale=self.weight)
+
     def __repr__(self) -> str:
         return f'{type(self).__name__}(weight={self.weight})'
 
@@ -50,6 +87,7 @@ class AccuracyReward(BaseReward):
     """``r_i = 1[o_i == y]``."""
 
     fn = staticmethod(accuracy_reward)
+    add_unchecked_fn = staticmethod(accuracy_reward_add_unchecked)
 
 
 @MODELS.register_module()
@@ -57,6 +95,7 @@ class UniformityReward(BaseReward):
     """``r_i = -(p_i / (1 - p_y) - 1/(C-1))`` for ``i != y``, 0 for ``y`` (p = pi_old)."""
 
     fn = staticmethod(uniformity_reward)
+    unchecked_fn = staticmethod(uniformity_reward_unchecked)
 
 
 @MODELS.register_module()
@@ -64,6 +103,7 @@ class ConfidencePenaltyReward(BaseReward):
     """``r_i = -p_i`` for ``i != y``, 0 for ``y`` (p = pi_old)."""
 
     fn = staticmethod(confidence_penalty_reward)
+    unchecked_fn = staticmethod(confidence_penalty_reward_unchecked)
 
 
 REWARD_TYPES = ('AccuracyReward', 'UniformityReward', 'ConfidencePenaltyReward')

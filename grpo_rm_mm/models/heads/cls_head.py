@@ -118,12 +118,14 @@ class GRPORMClsHead(GRPOInnerStepMixin, ClsHead):
     def _loss_dict(self, logits: torch.Tensor, target: torch.Tensor,
                    old_logits: torch.Tensor | None = None,
                    ref_logits: torch.Tensor | None = None,
-                   group_seed: int | None = None) -> dict[str, torch.Tensor]:
+                   group_seed: int | None = None,
+                   validated: bool = False) -> dict[str, torch.Tensor]:
         if not self.is_grpo:
             return {'loss': self.loss_module(logits, target, avg_factor=logits.size(0))}
+        kwargs = dict(validated=True) if validated else {}  # inner steps: labels checked
         value = self.loss_module(logits, target, avg_factor=logits.size(0),
                                  old_logits=old_logits, ref_logits=ref_logits,
-                                 group_seed=group_seed)
+                                 group_seed=group_seed, **kwargs)
         losses = {getattr(self.loss_module, 'loss_name', 'loss_grpo'): value}
         losses.update({k: v.detach() for k, v in self.loss_module.last_diagnostics.items()})
         return losses
@@ -141,7 +143,8 @@ class GRPORMClsHead(GRPOInnerStepMixin, ClsHead):
             if self.beta > 0:
                 with torch.no_grad():
                     ref_logits = self.ref_mlp(x.detach())
-        losses = self._loss_dict(logits, target, old_logits, ref_logits)
+        # pi_old = the current logits detached: None is exactly that (ratio 1), computed once
+        losses = self._loss_dict(logits, target, None, ref_logits)
         if self.grpo_cache_enabled:
             # group_seed: the inner steps reuse this batch's sampled group, if any
             self.grpo_cache_append(dict(feats=x.detach(), labels=target, old_logits=old_logits,
@@ -156,7 +159,7 @@ class GRPORMClsHead(GRPOInnerStepMixin, ClsHead):
         """Loss of a later inner step on a cached batch: new logits from the cached detached
         inputs, the same ``pi_old``/``pi_ref`` (so the clip acts)."""
         return self._loss_dict(self.mlp(item['feats']), item['labels'], item['old_logits'],
-                               item['ref_logits'], item.get('group_seed'))
+                               item['ref_logits'], item.get('group_seed'), validated=True)
 
     # ------------------------------------------------------------------ reference
     def init_weights(self) -> None:

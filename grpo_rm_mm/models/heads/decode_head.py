@@ -176,13 +176,16 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
 
     def _losses(self, logits: Tensor, seg_label: Tensor, old_logits: Tensor | None,
                 ref_logits: Tensor | None,
-                group_seeds: list[int | None] | None = None) -> dict[str, Tensor]:
+                group_seeds: list[int | None] | None = None,
+                validated: bool = False) -> dict[str, Tensor]:
         """Loss dict as ``BaseDecodeHead.loss_by_feat`` with GRPO-RM inputs and diagnostics.
 
         logits, old_logits, ref_logits: (N, C, h, w); seg_label: (N, 1, H, W). Every logit map
         is resized to (H, W) first (bilinear, hence pi_old/pi_ref resized = resized then
         detached). ``group_seeds``: per loss module, the seed of the sampled group to reuse
-        (inner steps), else None.
+        (inner steps), else None. ``validated``: the labels were checked on the batch's first
+        call (inner steps), so GRPO-RM losses skip their check. ``old_logits=None`` means
+        pi_old = the current logits detached (ratio 1), which saves resizing a copy.
         """
         size = seg_label.shape[2:]
 
@@ -201,6 +204,8 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
             if is_grpo_loss(loss_decode):
                 kwargs.update(old_logits=old_logits, ref_logits=ref_logits,
                               group_seed=group_seeds[i] if group_seeds else None)
+                if validated:
+                    kwargs['validated'] = True
             value = loss_decode(seg_logits, label, **kwargs)
             name = loss_decode.loss_name
             losses[name] = losses[name] + value if name in losses else value
@@ -223,7 +228,9 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
         if self.beta > 0:
             with torch.no_grad():
                 ref_logits = self.ref_layers(x.detach())
-        losses = self._losses(logits, seg_label, old_logits, ref_logits)
+        # pi_old is the current policy on this first update: passing None instead of the
+        # detached logits is exactly equal (ratio 1) and spares an (N, C, H, W) resize
+        losses = self._losses(logits, seg_label, None, ref_logits)
         if self.grpo_cache_enabled:
             # group_seeds: the inner steps reuse this batch's sampled groups, if any
             seeds = [getattr(m, 'last_group_seed', None) for m in self._loss_modules()]
@@ -236,7 +243,8 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
         """Loss of a further inner step on a cached batch: new logits from the cached detached
         features, the same pi_old/pi_ref and labels (so the ratio moves and the clip acts)."""
         return self._losses(self._logits(item['feats']), item['seg_label'],
-                            item['old_logits'], item['ref_logits'], item.get('group_seeds'))
+                            item['old_logits'], item['ref_logits'], item.get('group_seeds'),
+                            validated=True)
 
     # ------------------------------------------------------------------ reference
     def _sync_reference(self) -> None:

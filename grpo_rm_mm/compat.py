@@ -48,11 +48,15 @@ def _once(fn: Callable[[], bool]) -> Callable[[], bool]:
 
 @contextlib.contextmanager
 def trusted_checkpoints() -> Iterator[None]:
-    """Within this context, mmengine loads local checkpoints with ``weights_only=False``.
+    """The explicit opt-in for checkpoints that pickle Python objects.
 
-    Use it only for checkpoints you wrote yourself (it is what ``Runner.resume`` and
-    ``Runner.load_checkpoint`` use after :func:`patch_runner_checkpoint_trust`), e.g. to call
-    ``mmseg.apis.init_model`` on this project's own ``iter_*.pth``.
+    Outside this context every local checkpoint is read with ``weights_only=True`` (see
+    :func:`patch_plain_checkpoints`): this project's own checkpoints are plain data and load
+    that way. A legacy file that pickles objects (e.g. one written by mmengine without
+    grpo_rm_mm, whose logging state holds ``HistoryBuffer`` objects) is refused with an error
+    naming this context. Inside it, such a file is read with ``weights_only=False``: use it only
+    for files you trust, since unpickling can run code. ``--cfg-options trusted_checkpoints=True``
+    does the same for ``tools/train.py``, ``tools/test.py`` and ``tools/test_ood.py``.
     """
     token = _TRUSTED.set(True)
     try:
@@ -67,31 +71,45 @@ def checkpoint_trusted() -> bool:
 
 
 @_once
-def patch_runner_checkpoint_trust() -> bool:
-    """torch>=2.6 loads with ``weights_only=True`` by default, and mmengine's own checkpoints do
-    not load that way (``tools/test.py CKPT``, ``--resume``, ``load_from``)::
+def patch_plain_checkpoints() -> bool:
+    """mmengine 0.10.7 pickles its logging state into every checkpoint (``HistoryBuffer``
+    objects, numpy arrays and scalars), and torch>=2.6 loads with ``weights_only=True`` by
+    default, so its own checkpoints do not load (``tools/test.py CKPT``, ``--resume``,
+    ``mmseg.apis.init_model``, mmpretrain's inferencers)::
 
         _pickle.UnpicklingError: Weights only load failed ... Unsupported global: GLOBAL
         mmengine.logging.history_buffer.HistoryBuffer was not an allowed global by default.
 
-    Fix: ``Runner.load_checkpoint`` (which ``Runner.resume`` calls) runs inside
-    :func:`trusted_checkpoints`, and mmengine's local-file loader passes ``weights_only=False``
-    only there. Everything else, in particular ``init_cfg=dict(type='Pretrained', ...)`` backbone
-    checkpoints by path or URL, keeps torch's safe default: a pickled payload is refused.
+    Fix, on both sides of the file:
+
+    - writing: the runner's ``save_checkpoint`` converts the checkpoint dict with
+      :func:`grpo_rm_mm.checkpoints.to_plain` right before ``torch.save``, i.e. after every
+      ``before_save_checkpoint`` hook (nothing a hook adds escapes it). This is a patch rather
+      than a hook in each config because the file format is the runner's, not a recipe's: a
+      stock mmseg/mmpretrain config with ``custom_imports=['grpo_rm_mm']`` writes plain files
+      too, and a new config cannot forget it;
+    - reading: mmengine's local-file loader becomes
+      :func:`grpo_rm_mm.checkpoints.load_checkpoint_file` (``weights_only=True`` always, then
+      :func:`~grpo_rm_mm.checkpoints.from_plain`, so ``--resume`` gets its ``HistoryBuffer``
+      objects back). A file that still pickles objects is refused with an error naming the
+      opt-in :func:`trusted_checkpoints`; ``init_cfg=dict(type='Pretrained', ...)`` backbone
+      checkpoints go through the same loader, so a pickled payload there never runs.
     """
-    from mmengine.runner import Runner, checkpoint
+    from mmengine.runner import checkpoint
+    from mmengine.runner import runner as runner_module
 
-    if getattr(Runner.load_checkpoint, '_grpo_rm_trusted', False):
+    from .checkpoints import load_checkpoint_file, to_plain
+
+    original_save = runner_module.save_checkpoint
+    if getattr(original_save, '_grpo_rm_plain', False):
         return False
-    original_load = Runner.load_checkpoint
 
-    @functools.wraps(original_load)
-    def load_checkpoint(self, *args, **kwargs):
-        with trusted_checkpoints():
-            return original_load(self, *args, **kwargs)
+    @functools.wraps(original_save)
+    def save_checkpoint(ckpt: dict, filename: str, *args, **kwargs):
+        return original_save(to_plain(ckpt), filename, *args, **kwargs)
 
-    load_checkpoint._grpo_rm_trusted = True  # type: ignore[attr-defined]
-    Runner.load_checkpoint = load_checkpoint
+    save_checkpoint._grpo_rm_plain = True  # type: ignore[attr-defined]
+    runner_module.save_checkpoint = save_checkpoint
 
     original_local = checkpoint.load_from_local
 
@@ -99,9 +117,7 @@ def patch_runner_checkpoint_trust() -> bool:
         filename = os.path.expanduser(filename)
         if not os.path.isfile(filename):
             raise FileNotFoundError(f'{filename} can not be found.')
-        if checkpoint_trusted():
-            return torch.load(filename, map_location=map_location, weights_only=False)
-        return torch.load(filename, map_location=map_location, weights_only=True)
+        return load_checkpoint_file(filename, map_location=map_location)
 
     load_from_local.__doc__ = original_local.__doc__
     checkpoint.CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
@@ -337,7 +353,7 @@ def patch_numpy_in1d_removed() -> bool:
 
 
 PATCHES: tuple[Callable[[], bool], ...] = (
-    patch_runner_checkpoint_trust,
+    patch_plain_checkpoints,
     patch_dist_init_without_cuda,
     patch_ddp_device_ids_on_cpu,
     patch_gloo_teardown,

@@ -24,7 +24,7 @@ def run_snippet(code: str, patched: bool, **env: str):
 def test_every_patch_is_applied_on_import() -> None:
     assert set(grpo_rm_mm.compat.applied_patches()) <= {p.__name__ for p in compat.PATCHES}
     names = compat.apply_all()
-    assert 'patch_runner_checkpoint_trust' in names
+    assert 'patch_plain_checkpoints' in names
     assert 'patch_mmcv_adjust_hue_numpy2' in names  # numpy 2 is installed
     # idempotent: applying again changes nothing
     assert compat.apply_all() == names
@@ -32,7 +32,8 @@ def test_every_patch_is_applied_on_import() -> None:
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
-def _runner_like_checkpoint(path: Path) -> None:
+def _legacy_checkpoint(path: Path) -> None:
+    """What mmengine writes without the patch: HistoryBuffer and numpy objects pickled."""
     from mmengine.logging import HistoryBuffer
     torch.save({'meta': {'epoch': 1, 'seed': np.int64(3)},
                 'state_dict': {'w': torch.ones(2)},
@@ -40,38 +41,76 @@ def _runner_like_checkpoint(path: Path) -> None:
                path)
 
 
-def test_own_checkpoints_load_only_in_trusted_context(tmp_path: Path) -> None:
+def test_legacy_checkpoint_is_refused_naming_the_opt_in(tmp_path: Path) -> None:
+    from mmengine.logging import HistoryBuffer
     from mmengine.runner.checkpoint import _load_checkpoint
+
+    from grpo_rm_mm.checkpoints import UntrustedCheckpointError
     ckpt = tmp_path / 'iter_1.pth'
-    _runner_like_checkpoint(ckpt)
-    # torch>=2.6 default: mmengine's own checkpoints are refused ...
-    with pytest.raises(Exception, match='Weights only load failed'):
+    _legacy_checkpoint(ckpt)
+    with pytest.raises(UntrustedCheckpointError) as err:
         _load_checkpoint(str(ckpt), map_location='cpu')
-    # ... and load where the runner loads them (resume / load_from / tools/test.py)
+    message = str(err.value)
+    assert str(ckpt) in message and 'HistoryBuffer' in message
+    assert 'with grpo_rm_mm.trusted_checkpoints():' in message
+    assert '--cfg-options trusted_checkpoints=True' in message
+    # the explicit opt-in reads it (weights_only=False), and only inside the context
     with grpo_rm_mm.trusted_checkpoints():
         loaded = _load_checkpoint(str(ckpt), map_location='cpu')
     assert loaded['meta']['epoch'] == 1
+    assert isinstance(loaded['message_hub']['log_scalars']['loss'], HistoryBuffer)
     assert not compat.checkpoint_trusted()
 
 
-def test_runner_load_checkpoint_is_trusted_without_patch_fails(tmp_path: Path) -> None:
-    ckpt = tmp_path / 'iter_1.pth'
-    _runner_like_checkpoint(ckpt)
-    code = f'''
-        import types, torch
-        from mmengine.logging import MMLogger
-        from mmengine.runner import Runner
-        runner = types.SimpleNamespace(model=torch.nn.Module(), logger=MMLogger.get_instance('t'),
-                                       call_hook=lambda *a, **k: None)
-        runner.model.w = torch.nn.Parameter(torch.zeros(2))
-        ckpt = Runner.load_checkpoint(runner, {str(ckpt)!r}, map_location='cpu')
-        print('LOADED', ckpt['meta']['epoch'], runner.model.w.tolist())
-    '''
-    without = run_snippet(code, patched=False)
-    assert without.returncode != 0 and 'Weights only load failed' in without.stderr
+RUNNER_SNIPPET = '''
+    import sys, torch
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+        def forward(self, inputs, labels=None, mode='loss'):
+            return dict(loss=((self.lin(inputs) - 1) ** 2).mean())
+
+    def runner(work, **kw):
+        data = [dict(inputs=torch.tensor([float(i), 1.0])) for i in range(8)]
+        return Runner(model=Toy(), work_dir=work, train_dataloader=dict(
+            dataset=data, sampler=dict(type='DefaultSampler', shuffle=False), batch_size=4,
+            collate_fn=dict(type='default_collate')), optim_wrapper=dict(
+            optimizer=dict(type='SGD', lr=0.1)), train_cfg=dict(by_epoch=True, max_epochs=kw.pop(
+            'epochs', 1)), default_hooks=dict(logger=dict(type='LoggerHook', interval=1)), **kw)
+
+    work = sys.argv[1]
+    runner(work).train()
+    try:
+        ckpt = torch.load(work + '/epoch_1.pth', weights_only=True)
+        print('WEIGHTS_ONLY OK', sorted(ckpt['message_hub']['log_scalars']))
+    except Exception as err:
+        print('WEIGHTS_ONLY FAILED', type(err).__name__, str(err).splitlines()[0])
+        raise SystemExit(3)
+    resumed = runner(work, epochs=2, resume=True)
+    resumed.train()
+    hub = resumed.message_hub.get_scalar('train/loss')
+    print('RESUMED', type(hub).__name__, len(hub.data[0]))
+'''
+
+
+def test_runner_checkpoints_are_plain_and_resume_without_patch_fails(tmp_path: Path) -> None:
+    """mmengine's own checkpoints need weights_only=False without the patch; with it they load
+    with weights_only=True, and --resume restores the logging state (2 + 2 logged losses)."""
+    script = tmp_path / 'snippet.py'
+    script.write_text(textwrap.dedent(RUNNER_SNIPPET))
+    without = run_cmd([sys.executable, str(script), str(tmp_path / 'a')], check=False)
+    assert without.returncode == 3 and 'WEIGHTS_ONLY FAILED UnpicklingError' in without.stdout
+    code = f'import runpy, sys; sys.argv = ["x", {str(tmp_path / "b")!r}]; ' \
+           f'runpy.run_path({str(script)!r}, run_name="__main__")'
     with_patch = run_snippet(code, patched=True)
     assert with_patch.returncode == 0, with_patch.stderr[-3000:]
-    assert 'LOADED 1 [1.0, 1.0]' in with_patch.stdout
+    assert "WEIGHTS_ONLY OK ['train/data_time', 'train/loss', 'train/lr', 'train/time']" \
+        in with_patch.stdout
+    assert 'RESUMED HistoryBuffer 4' in with_patch.stdout
 
 
 class _Payload:

@@ -17,6 +17,7 @@ import grpo_rm_mm  # noqa: E402,F401  (compatibility patches + registry)
 from grpo_rm_mm.engine.launch import (
     add_launch_args,
     build_runner,
+    checkpoint_trust,
     load_config,
     parse_launch_args,  # noqa: E402
 )
@@ -57,8 +58,9 @@ def main() -> None:
         evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [
             cfg.test_evaluator]
         cfg.test_evaluator = evaluators + [dict(type='DumpResults', out_file_path=args.out)]
-    runner = build_runner(cfg)
-    runner.test()
+    with checkpoint_trust(cfg):  # --cfg-options trusted_checkpoints=True: legacy files
+        runner = build_runner(cfg)
+        runner.test()
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ import grpo_rm_mm  # noqa: E402,F401  (compatibility patches + registry)
 from grpo_rm_mm.engine.launch import (
     add_launch_args,
     build_runner,
+    checkpoint_trust,
     load_config,
     parse_launch_args,  # noqa: E402
 )
@@ -57,8 +58,9 @@ def main() -> None:
         evaluator = cfg.get('ood_evaluator') or dict(type='Accuracy', topk=(1, ))
     else:
         evaluator = cfg.test_evaluator
-    runner = build_runner(cfg)
-    results = ood.summarize(ood.run_ood(runner, loaders, evaluator))
+    with checkpoint_trust(cfg):  # --cfg-options trusted_checkpoints=True: legacy files
+        runner = build_runner(cfg)
+        results = ood.summarize(ood.run_ood(runner, loaders, evaluator))
     table = ood.format_table(results, baseline)
     if runner.rank != 0:
         return

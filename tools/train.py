@@ -16,6 +16,7 @@ import grpo_rm_mm  # noqa: E402,F401  (compatibility patches + registry)
 from grpo_rm_mm.engine.launch import (
     add_launch_args,
     build_runner,
+    checkpoint_trust,
     enable_amp,
     load_config,
     parse_launch_args,  # noqa: E402
@@ -52,8 +53,9 @@ def main() -> None:
             raise ValueError('--auto-scale-lr needs `auto_scale_lr = dict(base_batch_size=N)` '
                              'in the config')
         cfg.auto_scale_lr.enable = True
-    runner = build_runner(cfg)
-    runner.train()
+    with checkpoint_trust(cfg):  # --cfg-options trusted_checkpoints=True: legacy files
+        runner = build_runner(cfg)
+        runner.train()
 
 
 if __name__ == '__main__':

@@ -9,10 +9,10 @@ weights), stops the run with an error naming the file. Add both to a config with
 
     custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='CheckpointCheckHook')]
 
-``check_checkpoint_file`` reads a checkpoint (safely: ``weights_only=True`` unless it is one of
-mmengine's own files in a trusted context) and turns a truncated/corrupt file into an error that
-names the file; ``check_state_dict_shapes`` names every parameter whose shape differs from the
-model's.
+``check_checkpoint_file`` reads a checkpoint (``weights_only=True``; this project's checkpoints
+are plain data, see :mod:`grpo_rm_mm.checkpoints`) and turns a truncated/corrupt file into an
+error that names the file; ``check_state_dict_shapes`` names every parameter whose shape
+differs from the model's.
 """
 from __future__ import annotations
 
@@ -161,15 +161,18 @@ class NonFiniteLossHook(Hook):
 
 def check_checkpoint_file(path: str, map_location: str = 'cpu') -> dict:
     """Load a checkpoint file, turning a missing, truncated or corrupt file into a clear error
-    that names it. Loads with ``weights_only=True`` (no code from the file runs) unless
+    that names it. Reads with ``weights_only=True`` (no code from the file runs), as
+    :func:`grpo_rm_mm.checkpoints.load_checkpoint_file` does: a file that pickles objects raises
+    :class:`~grpo_rm_mm.checkpoints.UntrustedCheckpointError` naming the opt-in, unless
     :func:`grpo_rm_mm.trusted_checkpoints` is active."""
-    from ..compat import checkpoint_trusted
+    from ..checkpoints import UntrustedCheckpointError, load_checkpoint_file
     if not osp.isfile(path):
         raise FileNotFoundError(f'checkpoint {path!r} does not exist; pass an existing .pth file '
                                 f'(for --resume: a file in the work dir, or no value)')
     try:
-        ckpt = torch.load(path, map_location=map_location,
-                          weights_only=not checkpoint_trusted())
+        ckpt = load_checkpoint_file(path, map_location=map_location)
+    except UntrustedCheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001  (zip/pickle/EOF errors all mean a bad file)
         size = osp.getsize(path)
         raise RuntimeError(
@@ -216,9 +219,7 @@ class CheckpointCheckHook(Hook):
             path = find_latest_checkpoint(runner.work_dir)
         if not path or '://' in str(path):
             return
-        from ..compat import trusted_checkpoints
-        with trusted_checkpoints():  # the same file the runner is about to load (trusted)
-            ckpt = check_checkpoint_file(str(path))
+        ckpt = check_checkpoint_file(str(path))  # weights only, as the runner will read it
         state = ckpt.get('state_dict', ckpt)
         state = {k[len('module.'):] if k.startswith('module.') else k: v
                  for k, v in state.items()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import os.path as osp
 
@@ -10,7 +11,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 __all__ = ['DictAction', 'add_launch_args', 'parse_launch_args', 'load_config', 'enable_amp',
-           'build_runner']
+           'build_runner', 'checkpoint_trust']
 
 _AMP_TYPES = {'OptimWrapper': 'AmpOptimWrapper', 'GRPOOptimWrapper': 'GRPOAmpOptimWrapper'}
 
@@ -73,3 +74,15 @@ def build_runner(cfg: Config) -> Runner:
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def checkpoint_trust(cfg: Config) -> contextlib.AbstractContextManager:
+    """The context the tools run in: :func:`grpo_rm_mm.trusted_checkpoints` when the config (or
+    ``--cfg-options trusted_checkpoints=True``) opts in to reading checkpoints that pickle
+    Python objects (legacy mmengine files), else nothing (every checkpoint is read with
+    ``weights_only=True``)."""
+    from ..compat import trusted_checkpoints
+    trust = cfg.get('trusted_checkpoints', False)
+    if not isinstance(trust, bool):
+        raise ValueError(f'trusted_checkpoints={trust!r} must be True or False')
+    return trusted_checkpoints() if trust else contextlib.nullcontext()

@@ -62,16 +62,22 @@ def test_test_tool_probes_and_knn_k1_on_the_train_set(run_tool, data, trained,
 
 
 def test_inferencer_works_unchanged(data, trained, monkeypatch) -> None:
-    from mmpretrain import ImageClassificationInferencer
-
-    from grpo_rm_mm import trusted_checkpoints
+    """README, "Inference with the stock APIs": mmpretrain's ``get_model`` and
+    ``ImageClassificationInferencer`` on the ``tools/train.py`` checkpoint, with no trust
+    wrapper (the file is plain data: torch >= 2.6 reads it with weights_only=True)."""
+    import torch
+    from mmpretrain import ImageClassificationInferencer, get_model
 
     work, val, _ = trained
     for key, value in data.items():  # the config reads $CIFAR_ROOT
         monkeypatch.setenv(key, value)
-    with trusted_checkpoints():  # our own checkpoint (torch >= 2.6 loads weights only)
-        inferencer = ImageClassificationInferencer(str(CIFAR_CFG), pretrained=str(
-            work / 'epoch_4.pth'), device='cpu')
+    checkpoint = str(work / 'epoch_4.pth')
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True)['state_dict']
+    model = get_model(str(CIFAR_CFG), pretrained=checkpoint, device='cpu')
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0, msg=name)
+    inferencer = ImageClassificationInferencer(str(CIFAR_CFG), pretrained=checkpoint,
+                                               device='cpu')
     with open(Path(data['CIFAR_ROOT']) / 'cifar-10-batches-py' / 'test_batch', 'rb') as f:
         test = pickle.load(f, encoding='latin1')
     images = list(test['data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))

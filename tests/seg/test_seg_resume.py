@@ -15,7 +15,6 @@ import torch
 from conftest import REPO, tool_env
 from seg_common import DATA_CLASSES, TINY_CFG, last_metric
 
-from grpo_rm_mm import trusted_checkpoints
 from grpo_rm_mm.testing import make_voc2012
 
 TRAIN = [sys.executable, str(REPO / 'tools' / 'train.py'), str(TINY_CFG)]
@@ -28,8 +27,7 @@ def voc_root(tmp_path_factory) -> str:
 
 
 def head_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    with trusted_checkpoints():
-        state = torch.load(ckpt, map_location='cpu', weights_only=False)['state_dict']
+    state = torch.load(ckpt, map_location='cpu', weights_only=True)['state_dict']
     return {k: v for k, v in state.items() if k.startswith('decode_head.')}
 
 

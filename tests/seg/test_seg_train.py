@@ -84,3 +84,30 @@ def test_test_tool_reproduces_validation_and_writes_palette_pngs(
     a_acc, miou = miou_from_pngs(pred, voc_root)
     assert last_metric(out, 'aAcc') == pytest.approx(a_acc, abs=0.01)
     assert last_metric(out, 'mIoU') == pytest.approx(miou, abs=0.01)
+
+
+def test_stock_mmseg_inference_api_reads_the_checkpoint(trained, voc_root: str) -> None:
+    """README, "Inference with the stock APIs": ``mmseg.apis.init_model`` / ``inference_model``
+    on the ``tools/train.py`` checkpoint, with no trust wrapper (the file is plain data), predict
+    what the run's own validation measured."""
+    import tempfile
+
+    import torch
+    from mmseg.apis import inference_model, init_model
+
+    from grpo_rm_mm.datasets.writers import save_voc_mask
+
+    work, train_out = trained
+    checkpoint = str(work / 'iter_40.pth')
+    torch.load(checkpoint, map_location='cpu', weights_only=True)  # what torch >= 2.6 does
+
+    model = init_model(str(TINY_CFG), checkpoint, device='cpu')
+    names, _ = read_masks(voc_root, 'val')
+    with tempfile.TemporaryDirectory() as pred:
+        for name in names:
+            result = inference_model(model, f'{voc_root}/JPEGImages/{name}.jpg')
+            label_map = result.pred_sem_seg.data[0].numpy().astype(np.uint8)
+            save_voc_mask(label_map, Path(pred) / f'{name}.png')
+        a_acc, miou = miou_from_pngs(pred, voc_root)
+    assert a_acc == pytest.approx(last_metric(train_out, 'aAcc'), abs=0.01)
+    assert miou == pytest.approx(last_metric(train_out, 'mIoU'), abs=0.01)

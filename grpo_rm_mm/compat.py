@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -185,12 +186,20 @@ def patch_ddp_device_ids_on_cpu() -> bool:
     return True
 
 
+_UNCAUGHT: list[BaseException] = []  # set by the excepthook of patch_gloo_teardown
+
+
 def _destroy_process_group(timeout_s: float = 120.0) -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
+    if _UNCAUGHT:
+        # This rank dies of an error while the others may wait in a collective it will never
+        # join (e.g. the gradient all-reduce of the step that raised here). A barrier would then
+        # wait forever (gloo's monitored_barrier blocks in its send, whatever its timeout), so
+        # leave at once: the launcher (torchrun, srun --kill-on-bad-exit) stops the others.
+        return
     # Wait for every rank before tearing gloo down: a rank that destroys its process group while
-    # another still finishes its last collective is what aborts. monitored_barrier has a timeout,
-    # so a rank whose peer died does not hang here (torchrun stops it anyway).
+    # another still finishes its last collective is what aborts.
     with contextlib.suppress(Exception):
         if torch.distributed.get_backend() == 'gloo':
             import datetime
@@ -209,8 +218,18 @@ def patch_gloo_teardown() -> bool:
     seen here too on torch 2.14.1).
 
     Fix: at exit, wait for all ranks (a barrier with a timeout), then destroy the process group.
-    A no-op when no process group was created.
+    A no-op when no process group was created, and skipped when the process ends with an
+    uncaught exception: an error on one rank only (e.g. raised in its train step) leaves the
+    other ranks inside a collective, where a barrier at exit would wait for them forever
+    instead of letting the launcher stop the job.
     """
+    previous = sys.excepthook
+
+    def excepthook(exc_type, exc, tb) -> None:
+        _UNCAUGHT.append(exc)
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = excepthook
     atexit.register(_destroy_process_group)
     return True
 

@@ -200,6 +200,58 @@ def test_process_group_is_destroyed_at_exit() -> None:
     assert 'ALIVE_AT_EXIT False' in with_patch.stdout
 
 
+TEARDOWN_RANK = '''
+    import sys, time, torch, torch.distributed as dist
+    import grpo_rm_mm
+    if sys.argv[1] == 'without':
+        sys.excepthook = sys.__excepthook__  # the error exit goes unnoticed: the old teardown
+    dist.init_process_group('gloo')
+    print('READY', flush=True)
+    if dist.get_rank() == 1:
+        raise RuntimeError('an error on rank 1 only')
+    dist.all_reduce(torch.ones(1))  # rank 0 waits for a collective rank 1 never joins
+'''
+
+
+@pytest.mark.parametrize('variant', ['without', 'with'])
+def test_error_exit_of_one_rank_does_not_wait_for_the_others(variant: str,
+                                                            tmp_path: Path) -> None:
+    """A rank that dies of an error must not wait at exit in a barrier its peers (stuck in
+    another collective) never reach: it exits at once, so the launcher can stop the job."""
+    import subprocess
+    import time
+
+    from conftest import tool_env
+    script = tmp_path / 'rank.py'
+    script.write_text(textwrap.dedent(TEARDOWN_RANK))
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), variant], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=tool_env(
+                                  RANK=str(r), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+                                  MASTER_PORT=port)) for r in (0, 1)]
+    try:
+        lines = []
+        for line in procs[1].stdout:  # the imports take a while on a busy machine
+            lines.append(line)
+            if line.startswith('READY'):
+                break
+        deadline = time.monotonic() + 20  # from the moment rank 1 is about to raise
+        while procs[1].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rank1_exited = procs[1].poll() is not None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert any(line.startswith('READY') for line in lines), ''.join(lines)[-3000:]
+    if variant == 'without':
+        assert not rank1_exited  # stuck in the exit barrier
+    else:
+        assert rank1_exited and procs[1].returncode == 1
+        assert 'an error on rank 1 only' in procs[1].stdout.read()
+
+
 # --- AMP on CPU --------------------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the patch is a no-op with CUDA')

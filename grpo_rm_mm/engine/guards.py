@@ -22,6 +22,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from mmengine.dist import (
+    all_gather_object,
+    get_comm_device,
+    get_rank,
+    get_world_size,
+    is_distributed,
+)
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from torch import Tensor, nn
@@ -68,6 +75,21 @@ def _epoch_of(runner) -> str:
     return f', epoch {runner.epoch + 1}' if isinstance(loop, EpochBasedTrainLoop) else ''
 
 
+def _gather_non_finite(found: tuple[str, float] | None) -> list[tuple[int, tuple[str, float]]]:
+    """(rank, (key, value)) of every rank whose ``found`` is not None, the same on all ranks.
+
+    One all-reduce of a (world_size,) flag tensor per call (on the backend's device: CUDA for
+    nccl); the keys and values are gathered only when some rank found one.
+    """
+    flags = torch.zeros(get_world_size(), device=get_comm_device())
+    flags[get_rank()] = float(found is not None)
+    torch.distributed.all_reduce(flags)
+    if not bool(flags.any()):
+        return []
+    everything = all_gather_object(found)
+    return [(rank, item) for rank, item in enumerate(everything) if item is not None]
+
+
 def first_non_finite(tensors: Mapping[str, Any]) -> tuple[str, float] | None:
     """(name, value) of the first entry holding a NaN/Inf, else None."""
     for key, value in _scalars(tensors):
@@ -85,7 +107,11 @@ class NonFiniteLossHook(Hook):
     ``add_note``: printed under the error). After each training iteration the loss and every
     scalar in the model's ``outputs`` (the loss dict that ``train_step`` returns) are checked;
     a non-finite one raises ``FloatingPointError`` naming the iteration (1-based, as in the
-    log), the key and the value. ``before_save_checkpoint`` scans the model's state dict and
+    log), the key and the value. In a distributed run the finite flag of every rank is
+    all-reduced after each iteration (one small tensor), so when any rank sees a non-finite
+    value every rank raises the same error at the same iteration, naming the rank(s), key(s) and
+    value(s): no rank goes on to wait for the others in the next collective, and no rank writes
+    a later checkpoint. ``before_save_checkpoint`` scans the model's state dict and
     raises naming the first non-finite parameter/buffer, so no checkpoint with NaN is written.
 
     Args:
@@ -131,16 +157,31 @@ class NonFiniteLossHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
                          outputs: Any = None) -> None:
-        if not self.check_outputs or outputs is None:
+        if not self.check_outputs:
             return
-        found = first_non_finite(outputs if isinstance(outputs, Mapping) else {'loss': outputs})
+        found = None
+        if outputs is not None:
+            found = first_non_finite(outputs if isinstance(outputs, Mapping)
+                                     else {'loss': outputs})
+        iteration = runner.iter + 1  # runner.iter is incremented after the hooks
+        where = f'iteration {iteration}{_epoch_of(runner)}'
+        if is_distributed():
+            # every rank takes part, found or not, so that all of them stop at this iteration
+            # (a rank that stopped alone would leave the others waiting in the next collective)
+            bad = _gather_non_finite(found)
+            if not bad:
+                return
+            ranks = ', '.join(str(rank) for rank, _ in bad)
+            values = '; '.join(f'rank {rank}: {key} = {value}' for rank, (key, value) in bad)
+            raise FloatingPointError(
+                f'non-finite training value at {where} on rank {ranks} of '
+                f'{get_world_size()} ({values}). Every rank stops here, before any checkpoint '
+                f'of this state is written. {_CAUSES}')
         if found is None:
             return
         key, value = found
-        iteration = runner.iter + 1  # runner.iter is incremented after the hooks
         raise FloatingPointError(
-            f'non-finite training value at iteration {iteration}{_epoch_of(runner)}: '
-            f'{key} = {value}. '
+            f'non-finite training value at {where}: {key} = {value}. '
             f'Training stopped before any checkpoint of this state is written. {_CAUSES}')
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:

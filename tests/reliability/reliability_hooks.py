@@ -48,3 +48,38 @@ class InjectNaNHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if self.when == 'after_iter' and runner.iter + 1 == self.at_iter:
             self._poison(runner)
+
+
+@HOOKS.register_module()
+class NaNLossOnRankHook(Hook):
+    """Replace the loss of iteration ``at_iter`` (1-based) by NaN on rank ``rank`` only, as a
+    bad batch on one process would; the other ranks' losses and every weight stay finite.
+
+    Runs before ``NonFiniteLossHook`` (priority ABOVE_NORMAL) sees the outputs."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, at_iter: int, rank: int = 1) -> None:
+        self.at_iter, self.rank = at_iter, rank
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if runner.iter + 1 == self.at_iter and runner.rank == self.rank:
+            outputs['loss'] = torch.tensor(float('nan'))
+
+
+@HOOKS.register_module()
+class NaNWeightOnRankHook(Hook):
+    """Write NaN into parameter ``param`` before iteration ``at_iter`` (1-based) on rank
+    ``rank`` only: that rank's forward pass then meets non-finite logits inside its train step
+    while the other ranks' do not."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, at_iter: int, rank: int = 1, param: str = 'head.mlp.fc2.weight') -> None:
+        self.at_iter, self.rank, self.param = at_iter, rank, param
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        if runner.iter + 1 == self.at_iter and runner.rank == self.rank:
+            model = getattr(runner.model, 'module', runner.model)
+            with torch.no_grad():
+                dict(model.named_parameters())[self.param].fill_(float('nan'))

@@ -66,6 +66,7 @@ def test_inferencer_works_unchanged(data, trained, monkeypatch) -> None:
     ``ImageClassificationInferencer`` on the ``tools/train.py`` checkpoint, with no trust
     wrapper (the file is plain data: torch >= 2.6 reads it with weights_only=True)."""
     import torch
+    from mmengine.registry import DefaultScope
     from mmpretrain import ImageClassificationInferencer, get_model
 
     work, val, _ = trained
@@ -76,8 +77,11 @@ def test_inferencer_works_unchanged(data, trained, monkeypatch) -> None:
     model = get_model(str(CIFAR_CFG), pretrained=checkpoint, device='cpu')
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state[name], rtol=0, atol=0, msg=name)
-    inferencer = ImageClassificationInferencer(str(CIFAR_CFG), pretrained=checkpoint,
-                                               device='cpu')
+    # mmpretrain's inferencer builds its pipeline in the process-wide default scope, which an
+    # earlier test in this process may have set to mmseg (mmseg.apis.init_model does)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        inferencer = ImageClassificationInferencer(str(CIFAR_CFG), pretrained=checkpoint,
+                                                   device='cpu')
     with open(Path(data['CIFAR_ROOT']) / 'cifar-10-batches-py' / 'test_batch', 'rb') as f:
         test = pickle.load(f, encoding='latin1')
     images = list(test['data'].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))

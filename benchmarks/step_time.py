@@ -8,11 +8,19 @@ which isolates the head's share. All timed functions are interleaved (A, B, ...,
 in one run; medians of wall and process-CPU time and the ratios of the medians are printed.
 A forward hook counts backbone forwards per step: inner steps must not rerun the backbone.
 
+Segmentation head-only step: the demo segmentation model (``configs/demo/fashion_voc_grpo_rm.py``
+vs ``fashion_voc_ce.py``: frozen EfficientNet-Lite0 strides 4/8/16, ``GRPORMSegHead``
+176 -> 64 -> 11) on one batch of real Fashion-MNIST canvases (64 x 64 labels with the 255 ring),
+from the frozen backbone's features computed once: ``decode_head.loss`` + ``parse_losses`` +
+``update_params``, as the configs train it (``inner_steps=1``).
+
     .venv/bin/python benchmarks/step_time.py [--batch-size 256] [--reps 15] [--head-reps 60]
+        [--seg-batch-size 32] [--seg-reps 40]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import common as c
@@ -34,7 +42,71 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--inner-steps', type=int, nargs='+', default=[1, 2, 4])
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--seed', type=int, default=0, help='head initialisation')
+    parser.add_argument('--seg-batch-size', type=int, default=32,
+                        help='segmentation canvases per step (the demo config: 32)')
+    parser.add_argument('--seg-reps', type=int, default=40,
+                        help='timed repetitions of each segmentation head-only step')
     return parser.parse_args()
+
+
+SEG_CONFIGS = {'CE': 'configs/demo/fashion_voc_ce.py',
+               'GRPO-RM': 'configs/demo/fashion_voc_grpo_rm.py'}
+
+
+def seg_head_steps(demo: c.Demo, batch_size: int, seed: int) -> dict:
+    """``{name: step function}`` of the demo segmentation models' head-only training step on
+    the frozen backbone's features of one real batch, and a description of the batch."""
+    from mmengine.config import Config
+    from mmengine.dataset import pseudo_collate
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import DATASETS, MODELS
+
+    from grpo_rm_mm.datasets.demo_seg import prepare_fashion_voc
+
+    voc = prepare_fashion_voc(demo.data_dir / 'fashion_voc_step_time', demo.fashion_mnist,
+                              n_train=batch_size, n_val=1)
+    os.environ['GRPO_RM_DEMO_DATA'] = str(demo.data_dir)  # the configs' weights path
+    models, wrappers = {}, {}
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        for name, path in SEG_CONFIGS.items():
+            cfg = Config.fromfile(str(c.REPO / path))
+            c.seed_everything(seed)
+            models[name] = MODELS.build(cfg.model)
+            models[name].init_weights()
+            models[name].train()
+            wrappers[name] = build_optim_wrapper(models[name], cfg.optim_wrapper)
+        ds_cfg = cfg.train_dataloader.dataset
+        ds_cfg.data_root = str(voc)
+        ds = DATASETS.build(ds_cfg)
+        batch = pseudo_collate([ds[i] for i in range(batch_size)])
+    ce, grpo = models['CE'].decode_head, models['GRPO-RM'].decode_head
+    for a, b in zip(ce.state_dict().values(), grpo.state_dict().values()):
+        if not torch.equal(a, b):
+            raise AssertionError('the two segmentation heads do not start from the same weights')
+    with torch.no_grad():
+        data = models['CE'].data_preprocessor(batch, True)
+        feats = models['CE'].extract_feat(data['inputs'])
+    samples = data['data_samples']
+
+    def step(name: str):
+        model, wrapper = models[name], wrappers[name]
+
+        def run() -> None:
+            with wrapper.optim_context(model):
+                losses = model.decode_head.loss(feats, samples, model.train_cfg)
+            parsed, _ = model.parse_losses(losses)
+            wrapper.update_params(parsed)
+
+        return run
+
+    labels = torch.stack([s.gt_sem_seg.data for s in samples])
+    desc = (f'{batch_size} real Fashion-MNIST canvases, labels {tuple(labels.shape[-2:])} '
+            f'({float((labels == 255).float().mean()) * 100:.1f} % ignored), features '
+            f'{[tuple(f.shape[1:]) for f in feats]}, head '
+            f'{sum(p.numel() for p in grpo.parameters() if p.requires_grad)} trainable '
+            f'parameters, wrappers {[type(w).__name__ for w in wrappers.values()]}')
+    return dict(steps={name: step(name) for name in models}, desc=desc)
 
 
 class ForwardCounter:
@@ -147,6 +219,16 @@ def main() -> None:
                 line += (f'; had each inner step rerun the backbone, the full-step ratio would '
                          f'be about {rerun:.2f}')
             print(line)
+        seg = seg_head_steps(demo, args.seg_batch_size, args.seed)
+        seg_t = c.interleaved(seg['steps'], args.seg_reps, args.warmup,
+                              desc='segmentation head-only steps')
+        print(f'\n# segmentation: {seg["desc"]}')
+        table(f'Segmentation head-only step: demo seg model (GRPORMSegHead 176 -> 64 -> 11), '
+              f'cached frozen-backbone features (decode_head.loss + parse_losses + '
+              f'update_params), batch {args.seg_batch_size}, {args.seg_reps} interleaved '
+              f'repetitions each',
+              [(name, 'GRPOOptimWrapper(inner_steps=1)', seg_t[name], '0')
+               for name in ('CE', 'GRPO-RM')], 'CE')
         k1 = 'GRPO-RM k=1'
         if k1 in full_t:
             wall = full_t[k1].wall_median / ce_full.wall_median
@@ -154,6 +236,11 @@ def main() -> None:
             verdict = 'PASS' if max(wall, cpu) <= TARGET else 'FAIL'
             print(f'\ntarget: full-step ratio GRPO-RM(inner_steps=1) / CE <= {TARGET}: '
                   f'wall {wall:.3f}, CPU {cpu:.3f} -> {verdict}')
+        wall = seg_t['GRPO-RM'].wall_median / seg_t['CE'].wall_median
+        cpu = seg_t['GRPO-RM'].cpu_median / seg_t['CE'].cpu_median
+        verdict = 'PASS' if max(wall, cpu) <= TARGET else 'FAIL'
+        print(f'target: segmentation head-only step ratio GRPO-RM / CE <= {TARGET}: '
+              f'wall {wall:.3f}, CPU {cpu:.3f} -> {verdict}')
         print(f'# total {time.perf_counter() - t_start:.0f} s')
 
 

@@ -156,6 +156,47 @@ def patch_dist_init_without_cuda() -> bool:
 
 
 @_once
+def patch_slurm_dist_init_without_cuda() -> bool:
+    """mmengine's ``_init_dist_slurm`` (``--launcher slurm``, ``tools/slurm_train.sh``) also
+    calls ``torch.cuda.set_device(local_rank)`` unconditionally, so a SLURM job on CPU nodes
+    fails like the pytorch launcher did (``Found no NVIDIA driver`` / ``_cuda_setDevice``).
+
+    Fix: without CUDA, the same environment set-up as mmengine's (RANK from ``SLURM_PROCID``,
+    WORLD_SIZE from ``SLURM_NTASKS``, LOCAL_RANK from ``SLURM_LOCALID``, MASTER_ADDR from
+    ``scontrol show hostname $SLURM_NODELIST`` unless set, MASTER_PORT from ``port``, the
+    environment, or 29500), then ``init_process_group`` with gloo instead of nccl. With CUDA
+    nothing changes.
+    """
+    if torch.cuda.is_available():
+        return False
+    import subprocess
+
+    from mmengine.dist import utils as dist_utils
+
+    def _init_dist_slurm(backend, port=None, init_backend='torch', **kwargs) -> None:
+        if backend == 'nccl':
+            warnings.warn('No CUDA device: using the gloo backend instead of nccl.', stacklevel=2)
+            backend = 'gloo'
+        if init_backend != 'torch':
+            raise ValueError(f'init_backend={init_backend!r} needs GPUs; on CPU use "torch"')
+        proc_id = int(os.environ['SLURM_PROCID'])
+        node_list = os.environ['SLURM_NODELIST']
+        if port is not None:
+            os.environ['MASTER_PORT'] = str(port)
+        os.environ.setdefault('MASTER_PORT', '29500')
+        if 'MASTER_ADDR' not in os.environ:
+            os.environ['MASTER_ADDR'] = subprocess.getoutput(
+                f'scontrol show hostname {node_list} | head -n1')
+        os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+        os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
+        os.environ['RANK'] = str(proc_id)
+        torch.distributed.init_process_group(backend=backend, **kwargs)
+
+    dist_utils._init_dist_slurm = _init_dist_slurm
+    return True
+
+
+@_once
 def patch_ddp_device_ids_on_cpu() -> bool:
     """mmengine's ``Runner.wrap_model`` always passes ``device_ids=[LOCAL_RANK]``; torch refuses
     that for a CPU module::
@@ -374,6 +415,7 @@ def patch_numpy_in1d_removed() -> bool:
 PATCHES: tuple[Callable[[], bool], ...] = (
     patch_plain_checkpoints,
     patch_dist_init_without_cuda,
+    patch_slurm_dist_init_without_cuda,
     patch_ddp_device_ids_on_cpu,
     patch_gloo_teardown,
     patch_amp_optim_wrapper_on_cpu,

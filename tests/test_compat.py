@@ -163,6 +163,31 @@ def test_init_dist_without_cuda() -> None:
     assert 'BACKEND gloo' in with_patch.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the patch is a no-op with CUDA')
+def test_slurm_init_dist_without_cuda(tmp_path: Path) -> None:
+    """``--launcher slurm`` on CPU: RANK/WORLD_SIZE/LOCAL_RANK from SLURM's variables and the
+    master from ``scontrol show hostname`` (a stub here), gloo instead of nccl."""
+    (tmp_path / 'scontrol').write_text('#!/usr/bin/env bash\necho 127.0.0.1\n')
+    (tmp_path / 'scontrol').chmod(0o755)
+    code = '''
+        import os, torch.distributed as dist
+        from mmengine.dist import init_dist
+        init_dist('slurm', backend='nccl')
+        print('BACKEND', dist.get_backend(), dist.get_rank(), dist.get_world_size(),
+              os.environ['MASTER_ADDR'], os.environ['LOCAL_RANK'])
+    '''
+    import os
+    env = dict(SLURM_PROCID='0', SLURM_NTASKS='1', SLURM_LOCALID='0', SLURM_NODELIST='node1',
+               PATH=f'{tmp_path}{os.pathsep}{os.environ["PATH"]}', MASTER_PORT=str(free_port()))
+    without = run_snippet(code, patched=False, **env)
+    assert without.returncode != 0
+    assert 'NVIDIA driver' in without.stderr or '_cuda_setDevice' in without.stderr
+    env['MASTER_PORT'] = str(free_port())
+    with_patch = run_snippet(code, patched=True, **env)
+    assert with_patch.returncode == 0, with_patch.stderr[-3000:]
+    assert 'BACKEND gloo 0 1 127.0.0.1 0' in with_patch.stdout
+
+
 def test_ddp_wrapper_accepts_device_ids_for_cpu_module() -> None:
     code = '''
         import torch, torch.distributed as dist

@@ -22,8 +22,9 @@ reference, kept as the test oracle) computes, for every registered group weighti
   which is exactly the gradient autograd gives the reference (the KL part equals
   ``beta p_k (log p_k - log ref_k - KL)`` since ``sum_i p_i = 1``). The chunk's gradient is
   written into one (N, C) tensor in the logits' dtype; that tensor is all the autograd node
-  keeps, and its backward is ``grad_output * saved``. Peak memory is that tensor, the chunk
-  temporaries and the (N,)-sized label masks.
+  keeps, and its backward is ``grad_output * saved``. Peak memory is that tensor, the
+  backward's output, the chunk's scratch buffers (reused from chunk to chunk, see
+  :class:`_Workspace`) and, for 'sampled', the (N, C) uint8 draw counts.
 * **Checks in the same pass, one host synchronisation.** Labels are checked per chunk
   (counted queries in [0, C)); a non-finite logit, pi_old / pi_ref logit, query weight or
   reward of a counted query makes one of the summed statistics (entropy, KL, reward, loss)
@@ -45,8 +46,9 @@ pi_old of the valid queries in query order (computed as the reference computes i
 ``torch.multinomial`` call with the given generator; the chunks then read those counts. So the
 same generator state gives the same draws as the reference, on CPU and on CUDA.
 
-Rewards are evaluated per chunk. A reward with an ``unchecked(probs, labels, dim)`` attribute
-(the registered ones) is called on the chunk's (n, C, L) probabilities without checks; another
+Rewards are evaluated per chunk. A reward with an ``unchecked(probs, labels, dim, out)`` or
+``add_unchecked(out, labels, dim)`` attribute (the registered ones) is called on the chunk's
+(n, C, L) probabilities without checks; another
 callable is called as ``fn(probs (n, C), labels (n,))`` on every query of the chunk (ignored
 queries with label 0, their rewards then discarded), so rewards must be computed row by row,
 as every reward of this project is.

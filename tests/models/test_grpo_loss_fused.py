@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from mmengine.registry import init_default_scope
+from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 from mmseg.registry import MODELS as SEG_MODELS
 from mmseg.structures import SegDataSample
@@ -92,8 +92,11 @@ def test_dense_errors_match_the_reference_messages() -> None:
 
 # ---------------------------------------------------------------------- heads
 @pytest.fixture
-def mmseg_scope() -> None:
-    init_default_scope('mmseg')
+def mmseg_scope():
+    """mmseg as the default scope for the test only (a leaked default scope would make later
+    tests of the process build mmpretrain components in mmseg's registry)."""
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        yield
 
 
 def seg_samples(labels: torch.Tensor) -> list[SegDataSample]:

@@ -51,10 +51,11 @@ class GRPORMLoss(nn.Module):
         clip_eps: PPO clip range (0.2). beta: weight of the exact KL to pi_ref (0).
         adv_std: 'population' or 'unbiased' std of the group. adv_eps: added to the std.
         adv_scale: 'std' (GRPO) or 'none' (Dr.GRPO: mean-centred only).
-        group_weighting: how the group's outputs are averaged: 'uniform' (1/C, the paper's
-            literal form), 'pi_old' (the exact expectation over pi_old that sampled GRPO
-            estimates; advantage statistics under the same weights) or 'sampled'
-            (``group_size`` draws per query from pi_old, as TRL/verl GRPO).
+        group_weighting: how the group's outputs are averaged: 'pi_old' (default: the exact
+            expectation over pi_old that sampled GRPO estimates; advantage statistics under the
+            same weights), 'uniform' (1/C, the paper's literal form, which plateaus below
+            cross-entropy) or 'sampled' (``group_size`` draws per query from pi_old, as
+            TRL/verl GRPO). The default is the choice of benchmarks/ablation.py (README).
         surrogate: 'clip' (PPO) or 'dual_clip' (also floors negative-advantage terms at
             ``dual_clip_c * A``).
         clip_eps_low, clip_eps_high: asymmetric clip range ``[1 - low, 1 + high]`` (each
@@ -88,7 +89,7 @@ class GRPORMLoss(nn.Module):
                  clip_eps: float = 0.2, beta: float = 0.0, adv_std: str = 'population',
                  adv_eps: float = 1e-6, adv_scale: str = 'std', loss_weight: float = 1.0,
                  ignore_index: int | None = 255, loss_name: str = 'loss_grpo',
-                 log_diagnostics: bool = True, group_weighting: str = 'uniform',
+                 log_diagnostics: bool = True, group_weighting: str = 'pi_old',
                  surrogate: str = 'clip', clip_eps_low: float | None = None,
                  clip_eps_high: float | None = None, dual_clip_c: float = 3.0,
                  group_size: int = 8, seed: int = 0, implementation: str = 'fused',

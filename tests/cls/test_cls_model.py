@@ -170,17 +170,21 @@ def loss_module(**kwargs):
     return MODELS.build(dict(type='GRPORMLoss', log_diagnostics=False, **kwargs))
 
 
-def method_advantages(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """A_i of method.md sections 2-3 with the default rewards, written out: r = 1[i == y]
-    - (p_i / (1 - p_y) - 1 / (C - 1)) on wrong classes, p = softmax(old logits);
-    A = (r - mean r) / (population std r + 1e-6)."""
+def method_advantages(logits: torch.Tensor, labels: torch.Tensor,
+                      weighting: str = 'uniform') -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, A) of method.md sections 2-3 with the default rewards, written out: r = 1[i == y]
+    - (p_i / (1 - p_y) - 1 / (C - 1)) on wrong classes, p = softmax(old logits); group weights
+    w = 1/C ('uniform') or p ('pi_old'); A = (r - mean_w r) / (population std_w r + 1e-6)."""
     p = logits.double().softmax(1)
     n, c = p.shape
     onehot = F.one_hot(labels, c).double()
     p_y = (p * onehot).sum(1, keepdim=True)
     uniformity = -(p / (1 - p_y) - 1 / (c - 1)) * (1 - onehot)
     r = onehot + uniformity
-    return (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-6)
+    w = torch.full_like(p, 1 / c) if weighting == 'uniform' else p
+    mean = (w * r).sum(1, keepdim=True)
+    std = (w * (r - mean) ** 2).sum(1, keepdim=True).sqrt()
+    return w, (r - mean) / (std + 1e-6)
 
 
 class TestGRPOHead:
@@ -196,8 +200,9 @@ class TestGRPOHead:
         y = torch.tensor([0, 1, 2, 3, 4, 0, 1])
         return x, y, [DataSample().set_gt_label(int(t)) for t in y]
 
-    def test_first_step_gradient_is_minus_advantage_over_group(self) -> None:
-        head = self.head()
+    @pytest.mark.parametrize('weighting', ['uniform', 'pi_old'])
+    def test_first_step_gradient_is_minus_weighted_advantage(self, weighting: str) -> None:
+        head = self.head(group_weighting=weighting)
         x, y, samples = self.inputs()
         logits = head((x, )).detach()
         losses = head.loss((x, ), samples)
@@ -205,9 +210,10 @@ class TestGRPOHead:
                                'grpo_kl', 'grpo_entropy', 'grpo_acc'}
         assert [k for k in losses if 'loss' in k] == ['loss_grpo']  # diagnostics: logged only
         losses['loss_grpo'].backward()
-        # d loss / d logits = -A / G per query, mean over the N queries; the output bias
-        # collects it summed over queries
-        expected = -method_advantages(logits, y).sum(0) / (5 * len(y))
+        # d loss / d logits = -w A per query (-A / C for uniform weights), mean over the N
+        # queries; the output bias collects it summed over queries
+        w, adv = method_advantages(logits, y, weighting)
+        expected = -(w * adv).sum(0) / len(y)
         torch.testing.assert_close(head.mlp.fc2.bias.grad.double(), expected,
                                    atol=1e-6, rtol=1e-4)
         assert float(losses['grpo_clip_frac']) == 0.0  # ratio 1 on the first step

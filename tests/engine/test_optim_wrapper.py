@@ -116,8 +116,10 @@ def manual_grpo(model: TinyModel, micro_batches: list, k: int) -> tuple[torch.Te
     feats = [(model.backbone.fc(x).detach(), y) for x, y in micro_batches]
     olds = [(f @ w.T + b).detach() for f, _ in feats]
     rewards = [accuracy_reward, uniformity_reward]
+    weighting = model.head.loss_module.group_weighting  # the weighting of the loss under test
     for _ in range(k):
-        loss = sum(grpo_rm_loss(f @ w.T + b, y, rewards, old_logits=o)[0]
+        loss = sum(grpo_rm_loss(f @ w.T + b, y, rewards, old_logits=o,
+                                group_weighting=weighting)[0]
                    for (f, y), o in zip(feats, olds)) / len(feats)
         gw, gb = torch.autograd.grad(loss, (w, b))
         with torch.no_grad():

@@ -46,7 +46,10 @@ def test_config_promises(cfg: Config) -> None:
     head = model.decode_head
     assert (head.type, head.in_channels, head.channels, head.num_classes) == (
         'GRPORMSegHead', 384, 64, 21)
-    assert head.loss_decode == dict(type='GRPORMLoss', clip_eps=0.2, beta=0.0)
+    # the objective chosen by benchmarks/seg_ablation.py on its selection split
+    assert head.loss_decode == dict(type='GRPORMLoss', group_weighting='pi_old',
+                                    surrogate='dual_clip', clip_eps=0.2, beta=0.0)
+    assert cfg.optim_wrapper.inner_steps == 4
     assert cfg.train_dataloader.batch_size * cfg.num_gpus == 256 == cfg.total_batch_size
     assert cfg.auto_scale_lr.base_batch_size == 256
     assert cfg.optim_wrapper.optimizer.type == 'Adam'
@@ -61,7 +64,8 @@ def test_cross_entropy_baseline_differs_only_in_the_loss(cfg: Config) -> None:
     assert b['model']['decode_head'].pop('loss_decode')['type'] == 'CrossEntropyLoss'
     a['model']['decode_head'].pop('loss_decode')
     # one optimizer step per batch for both (see the comment in configs/grpo_rm_voc.py)
-    assert (a['optim_wrapper'].pop('inner_steps'), b['optim_wrapper'].pop('inner_steps')) == (1, 1)
+    # inner steps are GRPO-RM's (pi_old is fixed per batch); CE takes one step per batch
+    assert (a['optim_wrapper'].pop('inner_steps'), b['optim_wrapper'].pop('inner_steps')) == (4, 1)
     assert a == b
 
 

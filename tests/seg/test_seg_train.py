@@ -61,7 +61,9 @@ def test_dist_train_learns_well_above_background_only(trained, voc_root: str) ->
     assert last_metric(out, 'mIoU') > 2 * floor, f'background-only mIoU is {floor:.2f}'
     assert last_metric(out, 'aAcc') > 100 * float((labelled == 0).mean())
     rewards = [float(r) for r in re.findall(r'decode\.grpo_reward: ([0-9.]+)', out)]
-    assert rewards[-1] > rewards[0] + 0.2  # the expected reward of pi_old rises
+    # the expected reward of pi_old (at most 1: p_y plus a non-positive uniformity term)
+    # rises: its shortfall from 1 at least halves between the first and the last log
+    assert rewards[-1] > rewards[0] and 1 - rewards[-1] < 0.5 * (1 - rewards[0]), rewards
 
 
 def test_test_tool_reproduces_validation_and_writes_palette_pngs(

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +41,23 @@ def run_cmd(cmd: list[str], cwd: Path | None = None, check: bool = True, timeout
         out = (proc.stdout + proc.stderr)[-6000:]
         pytest.fail(f'{" ".join(map(str, cmd))} exited {proc.returncode}:\n{out}')
     return proc
+
+
+def run_gloo_workers(worker: Callable, tmp_path: Path, nprocs: int = 2,
+                     timeout_s: float = 120) -> None:
+    """Run ``worker(rank, nprocs, init_file, out_dir)`` in ``nprocs`` forked processes (they
+    inherit the imported modules; spawn would re-import mmseg & co.) and wait; fail, stopping
+    them, if they have not finished after ``timeout_s``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(nprocs, str(tmp_path / 'init'), str(tmp_path)),
+                             nprocs=nprocs, start_method='fork', join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:  # our own children only
+                proc.terminate()
+            pytest.fail(f'the {nprocs}-process gloo run did not finish in {timeout_s:g} s')
 
 
 @pytest.fixture

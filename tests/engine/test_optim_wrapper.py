@@ -2,12 +2,11 @@
 accumulation, AMP (bf16 on CPU), state_dict, DDP (2-process gloo), and GRPOInnerStepMixin."""
 import copy
 import pickle
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_gloo_workers
 from torch import nn
 
 import grpo_rm_mm  # noqa: F401  (compat patches: AMP on CPU in bf16)
@@ -353,15 +352,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_two_processes_gloo_inner_steps_stay_in_sync(tmp_path) -> None:
-    # fork: the children inherit the imported modules (spawn would re-import mmseg & co.)
-    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)),
-                             nprocs=2, start_method='fork', join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:  # our own children only
-                proc.terminate()
-            pytest.fail('the 2-process gloo run did not finish in 120 s')
+    run_gloo_workers(_ddp_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt') for r in range(2))
     assert r0['calls'] == r1['calls'] == 2
     torch.testing.assert_close(r0['w'], r1['w'], rtol=0, atol=0)

@@ -2,12 +2,11 @@
 dense and classification calls, the heads' inner steps (validated, pi_old = None on the first
 update), options, and a 2-process gloo run equal to one process."""
 import copy
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_gloo_workers
 from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 from mmseg.registry import MODELS as SEG_MODELS
@@ -184,15 +183,7 @@ def ddp_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_two_processes_gloo_equal_one_process(tmp_path) -> None:
-    # fork: the children inherit the imported modules (spawn would re-import mmseg & co.)
-    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)),
-                             nprocs=2, start_method='fork', join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:  # our own children only
-                proc.terminate()
-            pytest.fail('the 2-process gloo run did not finish in 120 s')
+    run_gloo_workers(_ddp_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt') for r in range(2))
     torch.testing.assert_close(r0['w'], r1['w'], rtol=0, atol=0)
     # one process on both ranks' batches (equal valid counts: the mean of the two means)

@@ -1,34 +1,28 @@
-"""Optimizer wrappers that take GRPO-RM inner steps (method.md section 5).
-
-Per batch (after gradient accumulation, per optimizer step), the model's forward computes
-features once and pi_old once; the wrapper takes the ordinary step on that loss, then
-``inner_steps - 1`` more steps on the loss that the GRPO-RM heads recompute from their cached,
-detached features (no second backbone forward), with the same pi_old, so the PPO clip acts::
+"""Optimizer wrappers that take GRPO-RM inner steps (method.md section 5)::
 
     optim_wrapper = dict(type='GRPOOptimWrapper', inner_steps=4,
                          optimizer=dict(type='Adam', lr=1e-3))
     # AMP: dict(type='GRPOAmpOptimWrapper', inner_steps=4, dtype='bfloat16', optimizer=...)
 
-Works with ``accumulative_counts`` (the inner steps run over every cached micro-batch of the
-accumulation window, their losses averaged), AMP (backward through the loss scaler, inner
-forwards under the same autocast) and DDP (the inner gradients are all-reduce-averaged here:
-DDP's reducer only runs after a DDP forward).
+What inner steps are, and what they rely on: :class:`InnerStepsOptimWrapperMixin`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.distributed as dist
+from mmengine.model import BaseModel
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..models.grpo_inner import GRPOInnerStepMixin
+from ..models.heads.policy_head import GRPOPolicyHeadMixin
 
-__all__ = ['GRPOAmpOptimWrapper', 'GRPOInnerStepsWrapperMixin', 'GRPOOptimWrapper']
+__all__ = ['GRPOAmpOptimWrapper', 'GRPOOptimWrapper', 'InnerStepsOptimWrapperMixin']
 
 STATE_KEY = 'grpo_inner_steps'
 
@@ -46,29 +40,68 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def _grpo_modules(model: nn.Module) -> list[GRPOInnerStepMixin]:
-    return [m for m in model.modules() if isinstance(m, GRPOInnerStepMixin)]
+def _policy_heads(model: nn.Module) -> list[GRPOPolicyHeadMixin]:
+    return [m for m in model.modules() if isinstance(m, GRPOPolicyHeadMixin)]
 
 
-def _sum_losses(losses: dict[str, Tensor]) -> Tensor | None:
-    """Sum of the entries whose key contains ``loss`` (mmengine's ``parse_losses`` rule)."""
-    total = None
-    for key, value in losses.items():
-        if 'loss' not in key:
-            continue
-        if isinstance(value, Tensor):
-            term = value.mean()
-        else:  # a list of tensors, as parse_losses accepts
-            term = sum(v.mean() for v in value)
-        total = term if total is None else total + term
-    return total
+def _loss_parser(model: nn.Module) -> Callable[[dict], tuple[Tensor, dict]]:
+    """The model's own ``parse_losses``; for a model that is not an mmengine ``BaseModel``
+    (e.g. a bare head) the rule of ``BaseModel.parse_losses``, which reads no model state."""
+    parse = getattr(model, 'parse_losses', None)
+    return parse if callable(parse) else partial(BaseModel.parse_losses, model)
 
 
-class GRPOInnerStepsWrapperMixin:
-    """Inner-step logic shared by :class:`GRPOOptimWrapper` and :class:`GRPOAmpOptimWrapper`.
+class InnerStepsOptimWrapperMixin:
+    """GRPO-RM inner steps on top of an mmengine optimizer wrapper (mixed in before
+    ``OptimWrapper`` or ``AmpOptimWrapper``).
 
-    Counters (saved in ``state_dict()`` under ``'grpo_inner_steps'``, restored on resume):
-    ``outer_steps`` (ordinary optimizer steps) and ``inner_steps_taken`` (extra steps).
+    *Inner steps* (``inner_steps``, k) are the optimisation steps taken on one batch against
+    the fixed pre-update policy pi_old: the first is the ordinary step on the loss of the
+    model's forward (ratio pi_theta / pi_old = 1), the k - 1 further ones evaluate the head's
+    loss on the same batch with the updated parameters, so the ratio moves and the PPO clip
+    acts. TRL calls k ``num_iterations``, verl ``ppo_epochs``. They are unrelated to mmengine's
+    ``_inner_count`` (``inner_count``), the number of :meth:`update_params` calls, which
+    drives gradient accumulation.
+
+    One iteration, as ``BaseModel.train_step`` runs it:
+
+    1. ``with optim_wrapper.optim_context(model)``: the model's forward. The wrapper remembers
+       the model (the ``module`` of a DDP wrapper) and sets ``grpo_cache_enabled =
+       inner_steps > 1`` on every
+       :class:`~grpo_rm_mm.models.heads.policy_head.GRPOPolicyHeadMixin` in it; their
+       ``loss()`` then caches the batch as a
+       :class:`~grpo_rm_mm.models.heads.policy_head.GRPOCachedBatch`.
+    2. ``optim_wrapper.update_params(loss)``: the parent's update (``scale_loss``, then
+       ``backward``, which does ``_inner_count += 1``, then ``step`` and ``zero_grad`` if
+       ``should_update()``). While gradients accumulate (``should_update()`` is False) the
+       caches are kept, one batch per micro-batch of the window.
+    3. After each real optimizer step, ``inner_steps - 1`` inner steps, each: every head's
+       ``grpo_inner_losses()`` (the mean over its cached micro-batches: the scale of an
+       accumulated step) under the parent's ``optim_context`` (AMP: the same autocast),
+       reduced to one loss by the model's own ``parse_losses`` per head and summed over the
+       heads; ``backward`` (AMP: loss scaling), with ``_inner_count`` restored afterwards;
+       the gradients all-reduce-averaged over the ranks (DDP's reducer only acts after a DDP
+       forward); ``step`` (with ``clip_grad``) and ``zero_grad``. Then the caches are cleared.
+
+    Inner steps reuse the cached batch: its detached head input (no backbone or neck forward;
+    a partly trainable backbone moves on the first step only), its labels (not validated
+    again), the first step's pi_old and pi_ref logits, and the seeds of its sampled groups.
+    They take the iteration's learning rate (parameter schedulers step per iteration or
+    epoch) and leave ``_inner_count`` as the ordinary updates set it, so accumulation windows,
+    ``should_update`` and ``should_sync`` are those of the parent.
+
+    The contract with mmengine relied on: ``update_params`` calls ``backward`` once, and
+    ``backward`` adds one to ``_inner_count``; ``should_update()`` after it says whether the
+    parent stepped; the parent's ``optim_context`` can be entered again on the unwrapped
+    model (for AMP's autocast).
+
+    Attributes:
+        inner_steps: k >= 1 (1: the parent's behaviour).
+        outer_steps: ordinary optimizer steps taken.
+        inner_steps_taken: further steps taken.
+
+    The three are saved by :meth:`state_dict` under ``'grpo_inner_steps'`` and restored on
+    resume.
     """
 
     inner_steps: int
@@ -84,9 +117,10 @@ class GRPOInnerStepsWrapperMixin:
     # ------------------------------------------------------------------ context
     @contextmanager
     def optim_context(self, model: nn.Module) -> Iterator[None]:
-        """Remember the model and switch the GRPO heads' caches on iff ``inner_steps > 1``."""
+        """Remember the model and switch the policy heads' caches on iff ``inner_steps > 1``;
+        then the parent's context (DDP ``no_sync`` while accumulating, AMP autocast)."""
         self._grpo_model = _unwrap(model)
-        for module in _grpo_modules(self._grpo_model):
+        for module in _policy_heads(self._grpo_model):
             module.grpo_cache_enabled = self.inner_steps > 1
         with super().optim_context(model):  # type: ignore[misc]
             yield
@@ -110,31 +144,32 @@ class GRPOInnerStepsWrapperMixin:
             raise RuntimeError(f'{type(self).__name__}(inner_steps={self.inner_steps}) needs the '
                                f'model: run the forward inside optim_wrapper.optim_context(model)'
                                f' (BaseModel.train_step does)')
-        modules = _grpo_modules(model)
+        modules = _policy_heads(model)
         heads = [m for m in modules if m.grpo_has_cache()]
         if not heads:
             raise RuntimeError(
                 f'{type(self).__name__}(inner_steps={self.inner_steps}): no GRPO-RM head cached '
                 f'a batch, so there is nothing to take inner steps on. Inner steps need a head '
-                f'with GRPOInnerStepMixin (GRPORMClsHead / the GRPO-RM decode head); a plain head '
-                f'with GRPORMLoss as loss_decode supports inner_steps=1 only')
+                f'with GRPOPolicyHeadMixin (GRPORMClsHead / GRPORMSegHead); a plain head with '
+                f'GRPORMLoss as loss_decode supports inner_steps=1 only')
+        parse_losses = _loss_parser(model)
         enabled = [m.grpo_cache_enabled for m in modules]
         try:
             for m in modules:  # inner losses must not cache themselves again
                 m.grpo_cache_enabled = False
             for _ in range(self.inner_steps - 1):
                 with super().optim_context(model):  # type: ignore[misc]  (autocast for AMP)
-                    losses: dict[str, Tensor] = {}
+                    keys: list[str] = []
                     total = None
                     for head in heads:
                         head_losses = head.grpo_inner_losses()
-                        losses.update(head_losses)
-                        term = _sum_losses(head_losses)
-                        if term is not None:
+                        keys += head_losses
+                        term, _ = parse_losses(head_losses)
+                        if isinstance(term, Tensor):  # 0 when no key contains 'loss'
                             total = term if total is None else total + term
                 if total is None or not total.requires_grad:
                     raise RuntimeError(f'the GRPO-RM heads returned no differentiable loss for '
-                                       f'the inner step (keys: {sorted(losses)})')
+                                       f'the inner step (keys: {sorted(keys)})')
                 count = self._inner_count  # type: ignore[has-type]
                 self.backward(total)  # type: ignore[attr-defined]  (AMP loss scaling)
                 self._inner_count = count  # inner steps do not advance gradient accumulation
@@ -202,7 +237,7 @@ class GRPOInnerStepsWrapperMixin:
 
 
 @OPTIM_WRAPPERS.register_module()
-class GRPOOptimWrapper(GRPOInnerStepsWrapperMixin, OptimWrapper):
+class GRPOOptimWrapper(InnerStepsOptimWrapperMixin, OptimWrapper):
     """``OptimWrapper`` + GRPO-RM inner steps. Args: ``inner_steps`` (int >= 1, default 1)
     and everything ``OptimWrapper`` takes (``optimizer``, ``accumulative_counts``,
     ``clip_grad``)."""
@@ -214,7 +249,7 @@ class GRPOOptimWrapper(GRPOInnerStepsWrapperMixin, OptimWrapper):
 
 
 @OPTIM_WRAPPERS.register_module()
-class GRPOAmpOptimWrapper(GRPOInnerStepsWrapperMixin, AmpOptimWrapper):
+class GRPOAmpOptimWrapper(InnerStepsOptimWrapperMixin, AmpOptimWrapper):
     """``AmpOptimWrapper`` + GRPO-RM inner steps. Args: ``inner_steps`` (int >= 1, default 1)
     and everything ``AmpOptimWrapper`` takes (``loss_scale``, ``dtype``, ...)."""
 

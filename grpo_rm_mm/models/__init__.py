@@ -1,7 +1,6 @@
 """Registered model components (heads, losses, rewards)."""
 from . import (
     backbones,  # noqa: F401  (EfficientNetLite)
-    grpo_inner,  # noqa: F401
     losses,  # noqa: F401
     rewards,  # noqa: F401
 )

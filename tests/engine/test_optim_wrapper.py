@@ -1,5 +1,6 @@
 """GRPO optimizer wrappers: inner steps without a second backbone forward, gradient
-accumulation, AMP (bf16 on CPU), state_dict, DDP (2-process gloo), and GRPOInnerStepMixin."""
+accumulation, AMP (bf16 on CPU), state_dict, DDP (2-process gloo), and the batch cache of
+GRPOPolicyHeadMixin."""
 import copy
 import pickle
 
@@ -13,7 +14,11 @@ import grpo_rm_mm  # noqa: F401  (compat patches: AMP on CPU in bf16)
 from grpo_rm_mm.core.objective import grpo_rm_loss
 from grpo_rm_mm.core.rewards import accuracy_reward, uniformity_reward
 from grpo_rm_mm.engine.optim_wrappers import GRPOAmpOptimWrapper, GRPOOptimWrapper
-from grpo_rm_mm.models.grpo_inner import GRPOInnerStepMixin, make_reference
+from grpo_rm_mm.models.heads.policy_head import (
+    GRPOCachedBatch,
+    GRPOPolicyHeadMixin,
+    make_reference,
+)
 from grpo_rm_mm.models.losses import GRPORMLoss
 
 IN, FEAT, C = 3, 4, 5
@@ -35,7 +40,7 @@ class CountingBackbone(nn.Module):
             return self.fc(x)
 
 
-class TinyHead(GRPOInnerStepMixin, nn.Module):
+class TinyHead(GRPOPolicyHeadMixin, nn.Module):
     """Linear head with the GRPO-RM loss; caches (feats, labels, old_logits) per batch."""
 
     def __init__(self) -> None:
@@ -54,11 +59,11 @@ class TinyHead(GRPOInnerStepMixin, nn.Module):
     def loss(self, feats, labels):
         old = self.fc(feats).detach()
         out = self._losses(feats, labels, old)
-        self.grpo_cache_append(dict(feats=feats, labels=labels, old_logits=old))
+        self.grpo_cache_append(GRPOCachedBatch(feats, labels, old))
         return out
 
     def _grpo_inner_loss(self, item):
-        return self._losses(item['feats'], item['labels'], item['old_logits'])
+        return self._losses(item.feats, item.labels, item.old_logits)
 
 
 class TinyModel(nn.Module):
@@ -239,6 +244,50 @@ def test_unwraps_ddp_like_module_attribute() -> None:
     assert steps[0] == 2 and model.backbone.calls == 1
 
 
+def test_inner_losses_are_reduced_by_the_models_parse_losses() -> None:
+    from mmengine.model import BaseModel
+
+    class Parsing(BaseModel):
+        """A model whose parse_losses doubles the loss and records its calls."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyModel(5)
+            self.parsed: list[list[str]] = []
+
+        def forward(self, x, y):
+            return self.net(x, y)
+
+        def parse_losses(self, losses):
+            self.parsed.append(sorted(losses))
+            loss, log_vars = super().parse_losses(losses)
+            return 2 * loss, log_vars
+
+    class Wrapped(nn.Module):  # the module of a DDP-like wrapper is the model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = Parsing()
+    wrapper = GRPOOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                               inner_steps=2)
+    reference = TinyModel(5)
+    x, y = batch(45)
+    feats = reference.backbone.fc(x).detach()
+    old = reference.head.fc(feats).detach()  # pi_old: the head before the outer step
+    w, b = manual_grpo(reference, [(x, y)], 1)  # the outer step, on the plain sum
+    w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    inner = reference.head.loss_module(feats @ w.T + b, y, old_logits=old)
+    gw, gb = torch.autograd.grad(2 * inner, (w, b))
+    with wrapper.optim_context(Wrapped(model)):
+        losses = model(x, y)
+    wrapper.update_params(sum(v for k, v in losses.items() if 'loss' in k))
+    assert len(model.parsed) == 1 and 'loss_grpo' in model.parsed[0]
+    # the inner step descended the doubled loss of the model's parse_losses
+    torch.testing.assert_close(model.net.head.fc.weight.detach(), (w - LR * gw).detach())
+    torch.testing.assert_close(model.net.head.fc.bias.detach(), (b - LR * gb).detach())
+
+
 def test_registered_and_built_by_mmengine() -> None:
     from mmengine.optim import build_optim_wrapper
     from mmseg.registry import OPTIM_WRAPPERS as SEG_OPTIM_WRAPPERS
@@ -279,7 +328,7 @@ def test_inner_steps_need_the_optim_context() -> None:
 
 
 # ---------------------------------------------------------------------- mixin
-class SumHead(GRPOInnerStepMixin, nn.Module):
+class SumHead(GRPOPolicyHeadMixin, nn.Module):
     def _grpo_inner_loss(self, item):
         return {'loss_x': item['v'] * 2, 'metric': item['v']}
 
@@ -301,7 +350,7 @@ def test_mixin_caches_only_when_enabled_and_averages() -> None:
 
 
 def test_mixin_requires_the_head_to_implement_the_inner_loss() -> None:
-    class Bare(GRPOInnerStepMixin, nn.Module):
+    class Bare(GRPOPolicyHeadMixin, nn.Module):
         pass
 
     head = Bare()
@@ -330,7 +379,7 @@ def test_make_reference_is_frozen_eval_and_saved() -> None:
         head.mlp[0].weight.add_(1.0)
     assert not torch.equal(head.mlp[0].weight, ref[0].weight)  # an independent copy
     pickle.loads(pickle.dumps(ref))  # the pre-hook is a module-level function
-    assert GRPOInnerStepMixin.make_reference is make_reference
+    assert GRPOPolicyHeadMixin.make_reference is make_reference
 
 
 # ---------------------------------------------------------------------- distributed

@@ -13,27 +13,23 @@ from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 from torch import nn
 
-from ..grpo_inner import GRPOInnerStepMixin
-
-
-def _is_grpo_loss(loss: nn.Module) -> bool:
-    """GRPO-RM losses take ``old_logits``/``ref_logits`` and expose ``last_diagnostics``."""
-    return hasattr(loss, 'last_diagnostics') and hasattr(loss, 'beta')
+from .policy_head import GRPOCachedBatch, GRPOPolicyHeadMixin
 
 
 @MODELS.register_module()
-class GRPORMClsHead(GRPOInnerStepMixin, ClsHead):
+class GRPORMClsHead(GRPOPolicyHeadMixin, ClsHead):
     """MLP classification head trained with the GRPO-RM loss; predicts like any ``ClsHead``.
 
     ``feats[-1]`` (N, in_channels) -> ``fc1`` -> act -> (N, hidden_channels) = ``pre_logits``
     -> ``fc2`` -> (N, num_classes) logits; ``pi_theta = softmax(logits)``.
 
-    With a GRPO-RM loss, each ``loss()`` call computes ``pi_old`` (the detached logits) and, if
-    the loss has ``beta > 0``, ``pi_ref`` from ``ref_mlp`` (a frozen copy of the starting MLP,
-    kept in checkpoints), and caches the detached inputs for the optimizer wrapper's inner steps.
-    Any other loss (e.g. ``CrossEntropyLoss``) is called as in ``ClsHead``, which gives the
-    cross-entropy baseline with the same head. Inner steps (``inner_steps > 1``) update the head
-    only: they reuse the cached features, also when part of the backbone is trainable.
+    A :class:`~.policy_head.GRPOPolicyHeadMixin`: with a GRPO-RM loss, each ``loss()`` call
+    takes ``pi_old`` = the current logits detached and, if the loss has ``beta > 0``,
+    ``pi_ref`` from ``ref_mlp`` (a frozen copy of the starting MLP, kept in checkpoints), and
+    caches the batch for the optimizer wrapper's inner steps. Any other loss (e.g.
+    ``CrossEntropyLoss``) is called as in ``ClsHead``, which gives the cross-entropy baseline
+    with the same head. Inner steps (``inner_steps > 1``) update the head only: they reuse the
+    cached features, also when part of the backbone is trainable.
 
     Args:
         num_classes: C.
@@ -45,6 +41,8 @@ class GRPORMClsHead(GRPOInnerStepMixin, ClsHead):
         topk, cal_acc, init_cfg: as in ``ClsHead``; ``cal_acc`` adds ``accuracy_top-k`` to the
             training log.
     """
+
+    reference_name = 'ref_mlp'
 
     def __init__(self, num_classes: int, in_channels: int, hidden_channels: int = 256,
                  act_cfg: dict | None = None, dropout: float = 0.0,
@@ -61,9 +59,6 @@ class GRPORMClsHead(GRPOInnerStepMixin, ClsHead):
             raise ValueError(f'GRPORMClsHead: dropout={dropout} must be in [0, 1)')
         if loss is None:
             loss = dict(type='GRPORMLoss')
-        if isinstance(loss, dict) and loss.get('type') in ('GRPORMLoss', 'mmengine.GRPORMLoss'):
-            # the head merges the diagnostics into its loss dict itself
-            loss = dict(loss, log_diagnostics=False)
         topk = (topk, ) if isinstance(topk, int) else tuple(topk)
         super().__init__(loss=loss, topk=topk, cal_acc=cal_acc, init_cfg=init_cfg)
         self.num_classes = num_classes
@@ -75,11 +70,19 @@ class GRPORMClsHead(GRPOInnerStepMixin, ClsHead):
             layers.append(('drop', nn.Dropout(dropout)))
         layers.append(('fc2', nn.Linear(hidden_channels, num_classes)))
         self.mlp = nn.Sequential(OrderedDict(layers))
-        self.is_grpo = _is_grpo_loss(self.loss_module)
-        self.beta = float(getattr(self.loss_module, 'beta', 0.0)) if self.is_grpo else 0.0
-        if self.beta > 0:
-            self.ref_mlp = self.make_reference(self.mlp)
-            self._register_load_state_dict_pre_hook(self._fill_missing_reference)
+        self.setup_policy()
+
+    # ------------------------------------------------------------------ policy protocol
+    def grpo_loss_modules(self) -> list[nn.Module]:
+        return [self.loss_module]
+
+    def policy_layers(self) -> nn.Module:
+        return self.mlp
+
+    @property
+    def is_grpo(self) -> bool:
+        """Whether the head's loss is a GRPO-RM loss."""
+        return self.is_grpo_loss(self.loss_module)
 
     # ------------------------------------------------------------------ forward
     def _input(self, feats: tuple[torch.Tensor, ...] | torch.Tensor) -> torch.Tensor:
@@ -126,7 +129,7 @@ class GRPORMClsHead(GRPOInnerStepMixin, ClsHead):
         value = self.loss_module(logits, target, avg_factor=logits.size(0),
                                  old_logits=old_logits, ref_logits=ref_logits,
                                  group_seed=group_seed, **kwargs)
-        losses = {getattr(self.loss_module, 'loss_name', 'loss_grpo'): value}
+        losses = {self.loss_module.loss_name: value}
         losses.update({k: v.detach() for k, v in self.loss_module.last_diagnostics.items()})
         return losses
 
@@ -137,40 +140,17 @@ class GRPORMClsHead(GRPOInnerStepMixin, ClsHead):
         x = self._input(feats)
         target = self._targets(data_samples)
         logits = self.mlp(x)
-        old_logits = ref_logits = None
-        if self.is_grpo:
-            old_logits = logits.detach()
-            if self.beta > 0:
-                with torch.no_grad():
-                    ref_logits = self.ref_mlp(x.detach())
+        ref_logits = self.reference_logits(x)
         # pi_old = the current logits detached: None is exactly that (ratio 1), computed once
         losses = self._loss_dict(logits, target, None, ref_logits)
-        if self.grpo_cache_enabled:
-            # group_seed: the inner steps reuse this batch's sampled group, if any
-            self.grpo_cache_append(dict(feats=x.detach(), labels=target, old_logits=old_logits,
-                                        ref_logits=ref_logits, group_seed=getattr(
-                                            self.loss_module, 'last_group_seed', None)))
+        self.grpo_cache_batch(x, target, logits, ref_logits)
         if self.cal_acc and target.ndim == 1:
             acc = Accuracy.calculate(logits.detach(), target, topk=self.topk)
             losses.update({f'accuracy_top-{k}': a for k, a in zip(self.topk, acc)})
         return losses
 
-    def _grpo_inner_loss(self, item: dict) -> dict[str, torch.Tensor]:
+    def _grpo_inner_loss(self, item: GRPOCachedBatch) -> dict[str, torch.Tensor]:
         """Loss of a later inner step on a cached batch: new logits from the cached detached
-        inputs, the same ``pi_old``/``pi_ref`` (so the clip acts)."""
-        return self._loss_dict(self.mlp(item['feats']), item['labels'], item['old_logits'],
-                               item['ref_logits'], item.get('group_seed'), validated=True)
-
-    # ------------------------------------------------------------------ reference
-    def init_weights(self) -> None:
-        super().init_weights()
-        if self.beta > 0:  # pi_ref is the *starting* head, after its initialisation
-            self.ref_mlp.load_state_dict(self.mlp.state_dict())
-
-    def _fill_missing_reference(self, state_dict, prefix, *args) -> None:
-        """A checkpoint without ``ref_mlp`` (e.g. from a cross-entropy run) starts ``pi_ref`` at
-        the loaded head."""
-        for key in list(state_dict):
-            if key.startswith(prefix + 'mlp.'):
-                ref_key = prefix + 'ref_mlp.' + key[len(prefix + 'mlp.'):]
-                state_dict.setdefault(ref_key, state_dict[key])
+        inputs, the same ``pi_old``/``pi_ref`` and group (so the clip acts)."""
+        return self._loss_dict(self.mlp(item.feats), item.labels, item.old_logits,
+                               item.ref_logits, item.group_seeds[0], validated=True)

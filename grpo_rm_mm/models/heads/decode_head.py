@@ -4,6 +4,7 @@ classes (method.md sections 1-6)."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,27 +16,13 @@ from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, SampleList
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..grpo_inner import GRPOInnerStepMixin
+from .policy_head import GRPOCachedBatch, GRPOPolicyHeadMixin
 
-__all__ = ['GRPORMSegHead', 'LayerNorm2d', 'is_grpo_loss']
+__all__ = ['GRPORMSegHead', 'LayerNorm2d']
 
-_GRPO_LOSS_TYPES = ('GRPORMLoss', 'mmengine.GRPORMLoss')
 _LN2D = dict(type='LN2d')
 _GRPO = dict(type='GRPORMLoss')
-
-
-def is_grpo_loss(loss: nn.Module) -> bool:
-    """GRPO-RM losses take ``old_logits``/``ref_logits`` and expose ``last_diagnostics``."""
-    return hasattr(loss, 'last_diagnostics') and hasattr(loss, 'beta')
-
-
-def _head_logs_diagnostics(cfg):
-    """The head merges the diagnostics into its loss dict, so the loss need not log them."""
-    if isinstance(cfg, dict) and cfg.get('type') in _GRPO_LOSS_TYPES:
-        return dict(cfg, log_diagnostics=False)
-    return cfg
 
 
 @ROOT_MODELS.register_module('LN2d')
@@ -58,17 +45,8 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
-def _batch_statistics_only(module: nn.Module) -> None:
-    """Make every BN layer of ``module`` normalise with the statistics of the current batch,
-    in eval mode too, and keep no running statistics."""
-    for m in module.modules():
-        if isinstance(m, _BatchNorm):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = m.num_batches_tracked = None
-
-
 @MODELS.register_module()
-class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
+class GRPORMSegHead(GRPOPolicyHeadMixin, BaseDecodeHead):
     """Per-position MLP decode head trained with the GRPO-RM loss.
 
     ``x`` (N, in_channels, h, w) -> ``hidden``: 1x1 conv + norm + act -> (N, channels, h, w)
@@ -77,14 +55,15 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
     mmseg head does. Each labelled pixel q is a query with ``pi_theta(.|q) = softmax`` over the
     C classes; ``ignore_index`` pixels have no group.
 
-    Each ``loss()`` call takes ``pi_old`` = the current logits detached (ratio 1 on the first
-    update) and, when a GRPO-RM loss has ``beta > 0``, ``pi_ref`` from ``ref_layers``: a frozen
-    copy of the starting ``hidden`` + ``conv_seg`` (saved in checkpoints; BN layers in it, if
-    ``norm_cfg`` is BN, use the batch statistics as the training head does, so KL = 0 before
-    the first update). With the optimizer wrapper's ``inner_steps > 1`` it caches the detached
-    features, labels and ``pi_old``/``pi_ref`` logits (at feature resolution) for the further
-    steps. Any other loss in ``loss_decode`` (e.g. ``CrossEntropyLoss``, the baseline) is called
-    as in ``BaseDecodeHead``; a list of losses is summed by ``loss_name`` as there.
+    A :class:`~.policy_head.GRPOPolicyHeadMixin`: each ``loss()`` call takes ``pi_old`` = the
+    current logits detached (ratio 1 on the first update) and, when a GRPO-RM loss has
+    ``beta > 0``, ``pi_ref`` from ``ref_layers``: a frozen copy of the starting ``hidden`` +
+    ``conv_seg`` (saved in checkpoints; BN layers in it, if ``norm_cfg`` is BN, use the batch
+    statistics as the training head does, so KL = 0 before the first update). With the
+    optimizer wrapper's ``inner_steps > 1`` it caches the batch (features, labels,
+    ``pi_old``/``pi_ref`` logits at feature resolution) for the further steps. Any other loss
+    in ``loss_decode`` (e.g. ``CrossEntropyLoss``, the baseline) is called as in
+    ``BaseDecodeHead``; a list of losses is summed by ``loss_name`` as there.
 
     Args:
         in_channels: width of the backbone (or neck) feature map (a list with
@@ -99,6 +78,8 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
             ``ignore_index`` (255), ``sampler``, ``align_corners``, ``act_cfg``, ``init_cfg``).
     """
 
+    reference_name = 'ref_layers'
+
     def __init__(self, in_channels: int | list[int], channels: int = 64, *, num_classes: int,
                  norm_cfg: ConfigType | None = _LN2D,
                  dropout_ratio: float = 0.0,
@@ -112,33 +93,26 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
                              f'num_classes={num_classes} (one logit per class of the group)')
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f'GRPORMSegHead: channels={channels!r} must be a positive int')
-        if isinstance(loss_decode, (list, tuple)):
-            loss_decode = [_head_logs_diagnostics(c) for c in loss_decode]
-        else:
-            loss_decode = _head_logs_diagnostics(dict(loss_decode) if isinstance(
-                loss_decode, dict) else loss_decode)
+        if isinstance(loss_decode, dict):
+            loss_decode = dict(loss_decode)
         norm_cfg = None if norm_cfg is None else dict(norm_cfg)
         super().__init__(in_channels, channels, num_classes=num_classes, norm_cfg=norm_cfg,
                          dropout_ratio=dropout_ratio, loss_decode=loss_decode, **kwargs)
         self.hidden = ConvModule(self.in_channels, self.channels, 1, conv_cfg=self.conv_cfg,
                                  norm_cfg=self.norm_cfg, act_cfg=self.act_cfg)
-        betas = [float(m.beta) for m in self._loss_modules() if is_grpo_loss(m)]
-        self.beta = max(betas, default=0.0)
-        if self.beta > 0:
-            self.ref_layers = self.make_reference(self._policy_layers())
-            _batch_statistics_only(self.ref_layers)
-            self._register_load_state_dict_pre_hook(self._fill_missing_reference)
+        self.setup_policy()
 
-    # ------------------------------------------------------------------ forward
-    def _loss_modules(self) -> list[nn.Module]:
+    # ------------------------------------------------------------------ policy protocol
+    def grpo_loss_modules(self) -> list[nn.Module]:
         if isinstance(self.loss_decode, nn.ModuleList):
             return list(self.loss_decode)
         return [self.loss_decode]
 
-    def _policy_layers(self) -> nn.Sequential:
+    def policy_layers(self) -> nn.Sequential:
         """The trained layers (``hidden``, ``conv_seg``) as one module, without dropout."""
         return nn.Sequential(OrderedDict(hidden=self.hidden, conv_seg=self.conv_seg))
 
+    # ------------------------------------------------------------------ forward
     def _features(self, inputs: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         x = self._transform_inputs(inputs)
         if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != self.in_channels:
@@ -176,7 +150,7 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
 
     def _losses(self, logits: Tensor, seg_label: Tensor, old_logits: Tensor | None,
                 ref_logits: Tensor | None,
-                group_seeds: list[int | None] | None = None,
+                group_seeds: Sequence[int | None] | None = None,
                 validated: bool = False) -> dict[str, Tensor]:
         """Loss dict as ``BaseDecodeHead.loss_by_feat`` with GRPO-RM inputs and diagnostics.
 
@@ -199,9 +173,10 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
             seg_weight = self.sampler.sample(seg_logits, seg_label)
         label = seg_label.squeeze(1)
         losses: dict[str, Tensor] = {}
-        for i, loss_decode in enumerate(self._loss_modules()):
+        for i, loss_decode in enumerate(self.grpo_loss_modules()):
+            grpo = self.is_grpo_loss(loss_decode)
             kwargs = dict(weight=seg_weight, ignore_index=self.ignore_index)
-            if is_grpo_loss(loss_decode):
+            if grpo:
                 kwargs.update(old_logits=old_logits, ref_logits=ref_logits,
                               group_seed=group_seeds[i] if group_seeds else None)
                 if validated:
@@ -209,7 +184,7 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
             value = loss_decode(seg_logits, label, **kwargs)
             name = loss_decode.loss_name
             losses[name] = losses[name] + value if name in losses else value
-            if is_grpo_loss(loss_decode):
+            if grpo:
                 for key, diag in loss_decode.last_diagnostics.items():
                     losses[key if key not in losses else f'{key}_{i}'] = diag.detach()
         losses['acc_seg'] = accuracy(seg_logits, label, ignore_index=self.ignore_index)
@@ -223,45 +198,16 @@ class GRPORMSegHead(GRPOInnerStepMixin, BaseDecodeHead):
         seg_label = self._stack_batch_gt(batch_data_samples)
         self._check_labels(seg_label, batch_data_samples)
         logits = self._logits(x)
-        old_logits = logits.detach()
-        ref_logits = None
-        if self.beta > 0:
-            with torch.no_grad():
-                ref_logits = self.ref_layers(x.detach())
+        ref_logits = self.reference_logits(x)
         # pi_old is the current policy on this first update: passing None instead of the
         # detached logits is exactly equal (ratio 1) and spares an (N, C, H, W) resize
         losses = self._losses(logits, seg_label, None, ref_logits)
-        if self.grpo_cache_enabled:
-            # group_seeds: the inner steps reuse this batch's sampled groups, if any
-            seeds = [getattr(m, 'last_group_seed', None) for m in self._loss_modules()]
-            self.grpo_cache_append(dict(feats=x.detach(), seg_label=seg_label,
-                                        old_logits=old_logits, ref_logits=ref_logits,
-                                        group_seeds=seeds))
+        self.grpo_cache_batch(x, seg_label, logits, ref_logits)
         return losses
 
-    def _grpo_inner_loss(self, item: dict) -> dict[str, Tensor]:
+    def _grpo_inner_loss(self, item: GRPOCachedBatch) -> dict[str, Tensor]:
         """Loss of a further inner step on a cached batch: new logits from the cached detached
-        features, the same pi_old/pi_ref and labels (so the ratio moves and the clip acts)."""
-        return self._losses(self._logits(item['feats']), item['seg_label'],
-                            item['old_logits'], item['ref_logits'], item.get('group_seeds'),
-                            validated=True)
-
-    # ------------------------------------------------------------------ reference
-    def _sync_reference(self) -> None:
-        ref = dict(self.ref_layers.named_parameters())
-        with torch.no_grad():
-            for name, param in self._policy_layers().named_parameters():
-                ref[name].copy_(param)
-
-    def init_weights(self) -> None:
-        super().init_weights()
-        if self.beta > 0:  # pi_ref is the *starting* head, after its initialisation
-            self._sync_reference()
-
-    def _fill_missing_reference(self, state_dict: dict, prefix: str, *args) -> None:
-        """A checkpoint without ``ref_layers`` (e.g. of a cross-entropy or beta = 0 run) starts
-        ``pi_ref`` at the loaded head."""
-        for name, _ in self.ref_layers.named_parameters():
-            key, src = prefix + 'ref_layers.' + name, prefix + name
-            if key not in state_dict and src in state_dict:
-                state_dict[key] = state_dict[src]
+        features, the same pi_old/pi_ref, labels and groups (so the ratio moves and the clip
+        acts)."""
+        return self._losses(self._logits(item.feats), item.labels, item.old_logits,
+                            item.ref_logits, item.group_seeds, validated=True)

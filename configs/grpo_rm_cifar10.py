@@ -42,30 +42,6 @@ val_dataloader = dict(
     dataset=dict(type=dataset_type, data_root=data_root, split='test', verify_md5=True,
                  pipeline=test_pipeline))
 test_dataloader = val_dataloader
-# the train split with the test pipeline: reference set of the kNN / SR probes
-reference_dataloader = dict(
-    batch_size=256, num_workers=8,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(type=dataset_type, data_root=data_root, split='train', verify_md5=True,
-                 pipeline=test_pipeline))
-
-val_evaluator = dict(type='Accuracy', topk=(1, ))
-test_evaluator = [
-    dict(type='Accuracy', topk=(1, )),
-    dict(type='KNNAccuracy', k=20, temperature=0.07, representation='pre_logits'),
-    dict(type='SoftmaxRegressionAccuracy', representation='pre_logits'),
-    dict(type='KNNAccuracy', k=20, temperature=0.07, representation='backbone'),
-    dict(type='SoftmaxRegressionAccuracy', representation='backbone'),
-]
-ood_evaluator = dict(type='Accuracy', topk=(1, ))
-custom_hooks = [
-    dict(type='NumClassesCheckHook'),
-    dict(type='RepresentationReferenceHook', dataloader=reference_dataloader),
-    # stop on a non-finite loss (naming the iteration) and never checkpoint NaN; clear
-    # errors for truncated or mismatched checkpoints (grpo_rm_mm/engine/guards.py)
-    dict(type='NonFiniteLossHook'),
-    dict(type='CheckpointCheckHook'),
-]
 
 cifar10c_root = 'data/CIFAR-10-C'
 cifar10c_severity = 5  # rows (severity - 1) * 10000 .. severity * 10000 of each .npy

@@ -42,30 +42,10 @@ val_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(type=dataset_type, data_root=data_root, split='val', pipeline=test_pipeline))
 test_dataloader = val_dataloader
-# the train split with the test pipeline: reference set of the kNN / SR probes
-reference_dataloader = dict(
-    batch_size=256, num_workers=8,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(type=dataset_type, data_root=data_root, split='train',
-                 pipeline=test_pipeline))
-
-val_evaluator = dict(type='Accuracy', topk=(1, 5))
-test_evaluator = [
-    dict(type='Accuracy', topk=(1, 5)),
-    dict(type='KNNAccuracy', k=20, temperature=0.07, representation='pre_logits'),
-    dict(type='SoftmaxRegressionAccuracy', representation='pre_logits'),
-    dict(type='KNNAccuracy', k=20, temperature=0.07, representation='backbone'),
-    dict(type='SoftmaxRegressionAccuracy', representation='backbone'),
-]
-ood_evaluator = dict(type='Accuracy', topk=(1, 5))
-custom_hooks = [
-    dict(type='NumClassesCheckHook'),
-    dict(type='RepresentationReferenceHook', dataloader=reference_dataloader),
-    # stop on a non-finite loss (naming the iteration) and never checkpoint NaN; clear
-    # errors for truncated or mismatched checkpoints (grpo_rm_mm/engine/guards.py)
-    dict(type='NonFiniteLossHook'),
-    dict(type='CheckpointCheckHook'),
-]
+val_evaluator = dict(topk=(1, 5))
+# the base's head top-1 with top-5 added, then its kNN / SR probes
+test_evaluator = [dict(_base_.test_evaluator[0], topk=(1, 5)), *_base_.test_evaluator[1:]]
+ood_evaluator = dict(topk=(1, 5))
 
 tin_c_root = 'data/Tiny-ImageNet-C'
 tin_c_severity = 5

@@ -1,5 +1,5 @@
 # GRPO-RM semantic segmentation on Pascal VOC 2012, train set (1464 images): mmseg's own
-# pascal_voc12.py dataset base + the frozen-DINOv2 GRPO-RM model of
+# pascal_voc12.py dataset base + the frozen-DINOv2 GRPO-RM model, schedule and runtime of
 # configs/_base_/grpo_rm_seg_dinov2_vits14.py (method.md section 6). configs/ce_voc.py is the
 # cross-entropy baseline (only the loss differs); configs/grpo_rm_voc_aug.py trains on the
 # train + SBD aug set (10582 images) instead.
@@ -19,6 +19,7 @@ dataset_type = 'CheckedPascalVOCDataset'  # PascalVOCDataset + errors naming bad
 crop_size = (448, 448)  # a multiple of the patch size 14: 32 x 32 patch features
 model = dict(data_preprocessor=dict(size=crop_size))
 
+# mmseg's pipelines at 448 instead of 512
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
@@ -34,18 +35,10 @@ test_pipeline = [
     dict(type='LoadAnnotations'),
     dict(type='PackSegInputs'),
 ]
+# the base's loaders (InfiniteSampler; val batch 1; IoUMetric) with this dataset class and these
+# pipelines
 train_dataloader = dict(
-    batch_size=_base_.batch_size_per_gpu,
-    num_workers=8,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
+    batch_size=_base_.batch_size_per_gpu, num_workers=8,
     dataset=dict(type=dataset_type, data_root=data_root, pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(type=dataset_type, data_root=data_root, pipeline=test_pipeline))
+val_dataloader = dict(dataset=dict(type=dataset_type, data_root=data_root, pipeline=test_pipeline))
 test_dataloader = val_dataloader
-val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])  # aAcc, mIoU, per-class IoU/Acc
-test_evaluator = val_evaluator

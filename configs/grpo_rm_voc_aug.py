@@ -1,8 +1,8 @@
 # GRPO-RM semantic segmentation on Pascal VOC 2012 with the SBD aug set (train + aug, 10582
 # images), as mmseg's *_voc12aug configs: mmseg's own pascal_voc12_aug.py dataset base (a
-# ConcatDataset of the train and aug sets) + the frozen-DINOv2 GRPO-RM model of
-# configs/_base_/grpo_rm_seg_dinov2_vits14.py. Everything but the training set is the same as
-# configs/grpo_rm_voc.py; configs/ce_voc_aug.py is the cross-entropy baseline.
+# ConcatDataset of the train and aug sets) + the frozen-DINOv2 GRPO-RM model, schedule and
+# runtime of configs/_base_/grpo_rm_seg_dinov2_vits14.py. Everything but the training set is the
+# same as configs/grpo_rm_voc.py; configs/ce_voc_aug.py is the cross-entropy baseline.
 #
 #   bash tools/dist_train.sh configs/grpo_rm_voc_aug.py 4
 #   python tools/test.py configs/grpo_rm_voc_aug.py work_dirs/grpo_rm_voc_aug/iter_2000.pth
@@ -20,7 +20,8 @@ dataset_type = 'CheckedPascalVOCDataset'  # PascalVOCDataset + errors naming bad
 crop_size = (448, 448)  # a multiple of the patch size 14: 32 x 32 patch features
 model = dict(data_preprocessor=dict(size=crop_size))
 
-# the same pipelines as configs/grpo_rm_voc.py (mmseg's dataset bases each define their own)
+# The pipelines of configs/grpo_rm_voc.py: each of mmseg's dataset bases defines its own, and
+# mmengine refuses a key that two bases of one config both define, so they are restated here.
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
@@ -44,17 +45,7 @@ dataset_train = dict(_base_.dataset_train, type=dataset_type, data_root=data_roo
 dataset_aug = dict(_base_.dataset_aug, type=dataset_type, data_root=data_root,
                    pipeline=train_pipeline)
 train_dataloader = dict(
-    batch_size=_base_.batch_size_per_gpu,
-    num_workers=8,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
-    dataset=dict(type='ConcatDataset', datasets=[dataset_train, dataset_aug]))
-val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(type=dataset_type, data_root=data_root, pipeline=test_pipeline))
+    batch_size=_base_.batch_size_per_gpu, num_workers=8,
+    dataset=dict(datasets=[dataset_train, dataset_aug]))
+val_dataloader = dict(dataset=dict(type=dataset_type, data_root=data_root, pipeline=test_pipeline))
 test_dataloader = val_dataloader
-val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])  # aAcc, mIoU, per-class IoU/Acc
-test_evaluator = val_evaluator

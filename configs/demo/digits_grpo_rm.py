@@ -11,16 +11,6 @@ dataset = dict(type='MNIST', data_root=data_root, download=False,
 train_dataloader = dict(batch_size=500, dataset=dict(dataset, test_mode=False, indices=None))
 val_dataloader = dict(dataset=dict(dataset, test_mode=True, indices=None))
 test_dataloader = val_dataloader
-reference_dataloader = dict(dataset=dict(dataset, test_mode=False, indices=None))
-custom_hooks = [
-    dict(type='NumClassesCheckHook'),
-    dict(type='RepresentationReferenceHook', dataloader=reference_dataloader),
-    dict(type='FeatureCacheHook'),
-    # stop on a non-finite loss (naming the iteration) and never checkpoint NaN; clear
-    # errors for truncated or mismatched checkpoints (grpo_rm_mm/engine/guards.py)
-    dict(type='NonFiniteLossHook'),
-    dict(type='CheckpointCheckHook'),
-]
 ood_test_sets = dict(_delete_=True, digits=dict(
     type='MNIST', data_root=demo_root + '/mnist_digits/digits', test_mode=True, download=False))
 train_cfg = dict(max_epochs=15, val_interval=5)

@@ -8,7 +8,10 @@
 #   fashion_mnist/            the IDX files (mmpretrain's FashionMNIST reads them)
 #   fashion_mnist_c/<name>/   the test set under imagecorruptions' corruptions (OOD sets)
 #   pretrained/efficientnet_lite0.pth
-_base_ = ['mmpretrain::_base_/default_runtime.py']
+_base_ = [
+    '../_base_/schedules/grpo_rm_cls_20e.py',
+    '../_base_/grpo_rm_cls_runtime.py',
+]
 custom_imports = dict(imports=['grpo_rm_mm'], allow_failed_imports=False)
 
 demo_root = '{{$GRPO_RM_DEMO_DATA:data/demo}}'
@@ -49,10 +52,6 @@ val_dataloader = dict(batch_size=1024, num_workers=0, persistent_workers=False,
                       sampler=dict(type='DefaultSampler', shuffle=False),
                       dataset=dict(dataset, test_mode=True, indices=num_test))
 test_dataloader = val_dataloader
-# the training images with the test pipeline: the reference set of the kNN / SR probes
-reference_dataloader = dict(batch_size=1024, num_workers=0,
-                            sampler=dict(type='DefaultSampler', shuffle=False),
-                            dataset=dict(dataset, test_mode=False, indices=num_train))
 
 val_evaluator = dict(type='Accuracy', topk=(1, ))
 test_evaluator = [
@@ -65,25 +64,9 @@ ood_test_sets = {
     f'fmnist-c/{name}': dict(type='FashionMNIST', data_root=f'{demo_root}/fashion_mnist_c/{name}',
                              test_mode=True, download=False)
     for name in ood_corruptions}
-custom_hooks = [
-    dict(type='NumClassesCheckHook'),
-    dict(type='RepresentationReferenceHook', dataloader=reference_dataloader),
-    dict(type='FeatureCacheHook'),
-    # stop on a non-finite loss (naming the iteration) and never checkpoint NaN; clear
-    # errors for truncated or mismatched checkpoints (grpo_rm_mm/engine/guards.py)
-    dict(type='NonFiniteLossHook'),
-    dict(type='CheckpointCheckHook'),
-]
+# the runtime base's hooks and the feature-cache file's loading and saving
+custom_hooks = [*_base_.custom_hooks, dict(type='FeatureCacheHook')]
 
-# The objective (pi_old group weighting, PPO clip, one inner step) is the setting that
-# benchmarks/ablation.py selects by its rule on held-out data (README, Results); inner steps
-# rerun only the head on cached features when a run wants them.
-optim_wrapper = dict(type='GRPOOptimWrapper', optimizer=dict(type='Adam', lr=1e-3),
-                     inner_steps=1)
-param_scheduler = []
-train_cfg = dict(by_epoch=True, max_epochs=15, val_interval=5)
-val_cfg = dict()
-test_cfg = dict()
+train_cfg = dict(max_epochs=15)
 default_hooks = dict(logger=dict(interval=5),
                      checkpoint=dict(interval=15, max_keep_ckpts=1))
-randomness = dict(seed=0, deterministic=False)

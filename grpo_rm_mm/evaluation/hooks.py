@@ -1,10 +1,14 @@
 """Hooks for classification evaluation: reference representations, class-count check."""
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+
 import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
+from torch.utils.data import DataLoader
 
 from .representation import RepresentationMetric
 
@@ -14,21 +18,86 @@ def _metrics_of(loop) -> list[RepresentationMetric]:
     return [m for m in getattr(evaluator, 'metrics', []) if isinstance(m, RepresentationMetric)]
 
 
+def _inner_datasets(dataset: Mapping) -> list[Mapping]:
+    """The datasets a wrapper config holds (``dataset=`` or ``datasets=[...]``), else ``[]``."""
+    if isinstance(dataset.get('dataset'), Mapping):
+        return [dataset['dataset']]
+    return [d for d in dataset.get('datasets') or () if isinstance(d, Mapping)]
+
+
+def _pipeline_of(dataset: Mapping) -> list | None:
+    """The first ``pipeline`` of a dataset config, looking inside wrappers."""
+    if 'pipeline' in dataset:
+        return dataset['pipeline']
+    for inner in _inner_datasets(dataset):
+        pipeline = _pipeline_of(inner)
+        if pipeline is not None:
+            return pipeline
+    return None
+
+
+def _with_pipeline(dataset: Mapping, pipeline: list) -> dict:
+    """A copy of a dataset config whose pipeline (every one, inside wrappers) is ``pipeline``."""
+    out = copy.deepcopy(dataset)
+    inner = _inner_datasets(out)
+    if 'pipeline' in out or not inner:
+        out['pipeline'] = copy.deepcopy(pipeline)
+    elif 'dataset' in out:
+        out['dataset'] = _with_pipeline(out['dataset'], pipeline)
+    else:
+        out['datasets'] = [_with_pipeline(d, pipeline) if isinstance(d, Mapping) else d
+                           for d in out['datasets']]
+    return out
+
+
+def reference_dataloader_cfg(train_dataloader: Mapping, test_dataloader: Mapping) -> dict:
+    """The dataloader config of the probes' default reference set: the training set with the
+    test pipeline.
+
+    It is ``test_dataloader`` (batch size, workers, collate function) with its dataset replaced
+    by the dataset of ``train_dataloader`` (split, subset ``indices``, wrappers), whose pipeline,
+    every one inside wrappers, is the test dataset's; the sampler does not shuffle, and workers
+    are not kept between the passes (the set is read once per evaluation).
+
+    Args:
+        train_dataloader: the ``train_dataloader`` config.
+        test_dataloader: the ``test_dataloader`` (or ``val_dataloader``) config.
+
+    Returns:
+        A dataloader config for ``Runner.build_dataloader``.
+    """
+    pipeline = _pipeline_of(test_dataloader['dataset'])
+    if pipeline is None:
+        raise ValueError('RepresentationReferenceHook: the test dataloader\'s dataset has no '
+                         '`pipeline` to give the reference (training) set; pass the reference '
+                         'set as dataloader=dict(...)')
+    loader = copy.deepcopy(dict(test_dataloader))
+    sampler = loader.get('sampler') or dict(type='DefaultSampler')
+    loader.update(dataset=_with_pipeline(train_dataloader['dataset'], pipeline),
+                  sampler=dict(sampler, shuffle=False), persistent_workers=False)
+    return loader
+
+
 @HOOKS.register_module()
 class RepresentationReferenceHook(Hook):
     """Feed train-set (reference) representations to the kNN / SR metrics of the val and test
     evaluators before each val/test epoch.
 
-    The model runs in eval mode (``val_step``) over ``dataloader`` -- typically the train split
-    with the *test* pipeline -- on every rank (a distributed sampler splits it); each metric
-    gathers the pieces itself. Representations are cached per training iteration, so a test
-    right after the last validation (or several test sets in ``tools/test_ood.py``) reuses them.
+    The model runs in eval mode (``val_step``) over the reference dataloader on every rank (a
+    distributed sampler splits it); each metric gathers the pieces itself. By default the
+    reference set is the training set with the test pipeline, derived from the runner's config
+    by :func:`reference_dataloader_cfg` (so an override of ``train_dataloader``, e.g. a subset
+    with ``indices``, applies to it too); ``dataloader`` replaces it. Representations are cached
+    per training iteration, so a test right after the last validation (or several test sets in
+    ``tools/test_ood.py``) reuses them.
 
     Args:
-        dataloader: dataloader config (or object) of the reference set.
+        dataloader: dataloader config (or object) of the reference set; ``None``: the training
+            set with the test pipeline.
 
     Example::
 
+        custom_hooks = [dict(type='RepresentationReferenceHook')]  # train set, test pipeline
         custom_hooks = [dict(type='RepresentationReferenceHook', dataloader=dict(
             batch_size=256, num_workers=4, sampler=dict(type='DefaultSampler', shuffle=False),
             dataset=dict(type='CIFAR10', data_root='data/cifar10', split='train',
@@ -37,10 +106,28 @@ class RepresentationReferenceHook(Hook):
 
     priority = 'LOW'
 
-    def __init__(self, dataloader: dict) -> None:
+    def __init__(self, dataloader: dict | DataLoader | None = None) -> None:
         self.dataloader_cfg = dataloader
-        self._loader = None
+        self._loader: DataLoader | None = None
         self._cache: tuple[int, list[dict]] | None = None
+
+    @staticmethod
+    def derived_dataloader_cfg(runner) -> dict:
+        """:func:`reference_dataloader_cfg` of the runner's train and test (else val)
+        dataloader configs."""
+        def loader_cfg(name: str) -> Mapping | None:
+            cfg = runner.cfg.get(name)
+            if cfg is None:  # a runner built from arguments: its loaders, while still configs
+                cfg = getattr(runner, f'_{name}', None)
+            return cfg if isinstance(cfg, Mapping) else None
+
+        train = loader_cfg('train_dataloader')
+        test = loader_cfg('test_dataloader') or loader_cfg('val_dataloader')
+        if train is None or test is None:
+            raise ValueError('RepresentationReferenceHook needs the train_dataloader and the '
+                             'test_dataloader (or val_dataloader) configs to derive the '
+                             'reference set; pass it as dataloader=dict(...)')
+        return reference_dataloader_cfg(train, test)
 
     def before_val_epoch(self, runner) -> None:
         self._feed(runner, _metrics_of(runner.val_loop))
@@ -53,7 +140,9 @@ class RepresentationReferenceHook(Hook):
             return
         if self._loader is None:
             cfg = self.dataloader_cfg
-            self._loader = cfg if not isinstance(cfg, dict) else runner.build_dataloader(
+            if cfg is None:
+                cfg = self.derived_dataloader_cfg(runner)
+            self._loader = cfg if not isinstance(cfg, Mapping) else runner.build_dataloader(
                 cfg, seed=runner.seed)
         if self._cache is None or self._cache[0] != runner.iter:
             self._cache = (runner.iter, self.extract(runner.model, self._loader))

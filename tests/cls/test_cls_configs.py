@@ -1,4 +1,5 @@
-"""The DINOv2 ViT-S/14 configs build and run a forward pass with random weights."""
+"""The DINOv2 ViT-S/14 configs build and run a forward pass with random weights; the kNN / SR
+reference set their RepresentationReferenceHook derives."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +10,16 @@ import pytest
 import torch
 from conftest import REPO
 from mmcv.transforms import Compose
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from mmengine.registry import DefaultScope
+from mmengine.runner import Runner
 from mmpretrain.registry import MODELS, TRANSFORMS
 from mmpretrain.structures import DataSample
 from PIL import Image
 
 import grpo_rm_mm  # noqa: F401  (registers the model components)
+from grpo_rm_mm.evaluation.hooks import RepresentationReferenceHook, reference_dataloader_cfg
+from grpo_rm_mm.testing import make_cifar10
 
 CONFIGS = {name: REPO / 'configs' / f'{name}.py' for name in (
     'grpo_rm_cifar10', 'ce_cifar10', 'grpo_rm_tiny_imagenet', 'ce_tiny_imagenet')}
@@ -111,9 +115,68 @@ def test_real_pipelines_give_224_px_inputs(name: str, tmp_path: Path) -> None:
     img = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / 'x.JPEG')
     item = dict(img=img, img_path=str(tmp_path / 'x.JPEG'), gt_label=3)
-    for loader in (cfg.train_dataloader, cfg.test_dataloader, cfg.reference_dataloader):
+    reference = reference_dataloader_cfg(cfg.train_dataloader, cfg.test_dataloader)
+    for loader in (cfg.train_dataloader, cfg.test_dataloader, ConfigDict(reference)):
         with DefaultScope.overwrite_default_scope('mmpretrain'):
             pipeline = Compose([TRANSFORMS.build(t) for t in loader.dataset.pipeline])
         out = pipeline(dict(item))
         assert tuple(out['inputs'].shape) == (3, 224, 224)
         assert int(out['data_samples'].gt_label) == 3
+
+
+def test_reference_set_is_derived_from_the_training_set_with_the_test_pipeline() -> None:
+    """Wrappers keep their structure and split; every pipeline inside becomes the test one; the
+    test loader's batch settings, no shuffling, no kept workers."""
+    test_pipeline = [dict(type='Resize', scale=8), dict(type='PackInputs')]
+    part = dict(type='LocalCIFAR10', data_root='a', split='train',
+                pipeline=[dict(type='RandomFlip', prob=0.5), dict(type='PackInputs')])
+    train = dict(batch_size=64, num_workers=2, persistent_workers=True,
+                 sampler=dict(type='DefaultSampler', shuffle=True, seed=3),
+                 dataset=dict(type='ConcatDataset', datasets=[
+                     dict(type='LongTailDataset', imbalance_ratio=10, dataset=part), part]))
+    test = dict(batch_size=16, num_workers=1, persistent_workers=True,
+                sampler=dict(type='DefaultSampler', shuffle=False),
+                dataset=dict(type='LocalCIFAR10', data_root='a', split='test',
+                             pipeline=test_pipeline))
+    ref = reference_dataloader_cfg(train, test)
+    assert (ref['batch_size'], ref['num_workers'], ref['persistent_workers']) == (16, 1, False)
+    assert ref['sampler'] == dict(type='DefaultSampler', shuffle=False)
+    inner = dict(part, pipeline=test_pipeline)
+    assert ref['dataset'] == dict(type='ConcatDataset', datasets=[
+        dict(type='LongTailDataset', imbalance_ratio=10, dataset=inner), inner])
+    assert train['dataset']['datasets'][1]['pipeline'][0]['type'] == 'RandomFlip'  # a copy
+    with pytest.raises(ValueError, match='no `pipeline`'):
+        reference_dataloader_cfg(train, dict(test, dataset=dict(type='LocalCIFAR10')))
+
+
+def test_reference_hook_feeds_the_training_set_unless_given_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a runner of the test-size CIFAR config, with a training pipeline that flips every
+    image: the hook's default reference set is the 20 training images, unflipped (the test
+    pipeline); a ``dataloader`` passed to the hook (the 10 test images) replaces it."""
+    make_cifar10(tmp_path / 'cifar', n_train=20, n_test=10, seed=0)
+    monkeypatch.setenv('CIFAR_ROOT', str(tmp_path / 'cifar'))
+    cfg = Config.fromfile(REPO / 'tests' / 'cls' / 'configs' / 'grpo_rm_cifar10_tiny.py')
+    cfg.train_dataloader.dataset.pipeline = [
+        dict(type='RandomFlip', prob=1.0, direction='horizontal'), dict(type='PackInputs')]
+    cfg.work_dir = str(tmp_path / 'work')
+    runner = Runner.from_cfg(cfg)
+    hooks = [h for h in runner.hooks if isinstance(h, RepresentationReferenceHook)]
+    assert len(hooks) == 1 and hooks[0].dataloader_cfg is None
+    metrics = [m for m in runner.val_loop.evaluator.metrics if hasattr(m, 'set_reference')]
+    assert len(metrics) == 2  # kNN and SR
+
+    hooks[0].before_val_epoch(runner)
+    loader = hooks[0]._loader
+    train_images = [item['inputs'] for item in runner.train_dataloader.dataset]
+    assert all(torch.equal(a, b.flip(-1)) for a, b in
+               zip(train_images, (loader.dataset[i]['inputs'] for i in range(20))))
+    assert len(loader.dataset) == 20 and all(m.reference_size == 20 for m in metrics)
+    assert all(len(m.reference) == 20 for m in metrics)
+
+    test_set = dict(cfg.test_dataloader.dataset, pipeline=[dict(type='PackInputs')])
+    explicit = RepresentationReferenceHook(dataloader=dict(
+        batch_size=4, num_workers=0, sampler=dict(type='DefaultSampler', shuffle=False),
+        dataset=test_set))
+    explicit.before_val_epoch(runner)
+    assert len(explicit._loader.dataset) == 10 and all(m.reference_size == 10 for m in metrics)

@@ -63,8 +63,8 @@ def test_cross_entropy_baseline_differs_only_in_the_loss(cfg: Config) -> None:
     a, b = cfg.to_dict(), ce.to_dict()
     assert b['model']['decode_head'].pop('loss_decode')['type'] == 'CrossEntropyLoss'
     a['model']['decode_head'].pop('loss_decode')
-    # one optimizer step per batch for both (see the comment in configs/grpo_rm_voc.py)
-    # inner steps are GRPO-RM's (pi_old is fixed per batch); CE takes one step per batch
+    # inner steps are GRPO-RM's (pi_old is fixed per batch; the schedule base
+    # configs/_base_/schedules/grpo_rm_seg_2k.py); CE takes one step per batch
     assert (a['optim_wrapper'].pop('inner_steps'), b['optim_wrapper'].pop('inner_steps')) == (4, 1)
     assert a == b
 

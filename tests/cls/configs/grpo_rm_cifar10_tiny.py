@@ -20,20 +20,11 @@ val_dataloader = dict(
     batch_size=25, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, verify_md5=False, pipeline=pipeline))
 test_dataloader = val_dataloader
-reference_dataloader = dict(
-    batch_size=50, num_workers=0, sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(type='LocalCIFAR10', data_root=data_root, split='train', verify_md5=False,
-                 pipeline=pipeline))
-# the probes also run at validation here, so the 2-process test compares them too
-val_evaluator = [
-    dict(type='Accuracy', topk=(1, )),
-    dict(type='KNNAccuracy', k=20, temperature=0.07, representation='pre_logits'),
-    dict(type='SoftmaxRegressionAccuracy', representation='pre_logits'),
-]
-custom_hooks = [
-    dict(type='NumClassesCheckHook'),
-    dict(type='RepresentationReferenceHook', dataloader=reference_dataloader),
-]
+# the base's head top-1 and probes on the head's hidden layer, here also at validation, so the
+# 2-process test compares them too
+val_evaluator = _base_.test_evaluator[:3]
+# the base's class-count check and reference hook (the training set, test pipeline), no guards
+custom_hooks = _base_.custom_hooks[:2]
 ood_test_sets = dict(
     _delete_=True,
     shifted=dict(type='NpyImageDataset', data_root=ood_root, data_file='shifted.npy',

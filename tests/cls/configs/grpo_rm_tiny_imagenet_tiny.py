@@ -18,19 +18,11 @@ val_dataloader = dict(
     batch_size=25, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, pipeline=pipeline))
 test_dataloader = val_dataloader
-reference_dataloader = dict(
-    batch_size=50, num_workers=0, sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(type='TinyImageNet', data_root=data_root, split='train', pipeline=pipeline))
 val_evaluator = dict(type='Accuracy', topk=(1, ))
-test_evaluator = [
-    dict(type='Accuracy', topk=(1, )),
-    dict(type='KNNAccuracy', k=20, temperature=0.07, representation='pre_logits'),
-    dict(type='SoftmaxRegressionAccuracy', representation='pre_logits'),
-]
-custom_hooks = [
-    dict(type='NumClassesCheckHook'),
-    dict(type='RepresentationReferenceHook', dataloader=reference_dataloader),
-]
+# top-1 and the base's probes on the head's hidden layer
+test_evaluator = [val_evaluator, *_base_.test_evaluator[1:3]]
+# the base's class-count check and reference hook (the training set, test pipeline), no guards
+custom_hooks = _base_.custom_hooks[:2]
 ood_test_sets = dict(_delete_=True)
 
 optim_wrapper = dict(optimizer=dict(lr=3e-3))

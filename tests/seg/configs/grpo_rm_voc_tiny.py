@@ -1,6 +1,6 @@
 # configs/grpo_rm_voc.py at test size: the same segmentor, frozen-backbone setup, GRPO-RM head
-# and loss, dataset class, optimizer wrapper and IoUMetric, with a tiny random (frozen) ViT from
-# mmpretrain on 64-px VOC-format data written by the tests ($VOC_ROOT).
+# and loss, dataset class, optimizer wrapper, schedule, hooks and IoUMetric, with a tiny random
+# (frozen) ViT from mmpretrain on 64-px VOC-format data written by the tests ($VOC_ROOT).
 _base_ = ['../../../configs/grpo_rm_voc.py']
 
 data_root = '{{$VOC_ROOT:data/VOCdevkit/VOC2012}}'
@@ -25,9 +25,7 @@ test_pipeline = [
 ]
 train_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
-    dataset=dict(_delete_=True, type='CheckedPascalVOCDataset', data_root=data_root,
-                 data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClass'),
-                 ann_file='ImageSets/Segmentation/train.txt', pipeline=train_pipeline))
+    dataset=dict(data_root=data_root, pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, pipeline=test_pipeline))

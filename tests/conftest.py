@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tools/ is imported as a namespace package (its converters)
 FIXTURE_CONFIGS = REPO / 'tests' / 'fixtures' / 'configs'
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from ..datasets.writers import save_voc_mask
+from ..datasets.voc import save_voc_mask
 
 
 @HOOKS.register_module()

@@ -7,40 +7,37 @@ Config use (inside ``GRPORMLoss(rewards=...)``)::
 Every reward is called as ``reward(probs, labels, valid=None) -> weight * r`` with ``probs``
 (N, C) the detached old-policy probabilities, ``labels`` (N,) int64 and ``r`` (N, C).
 Registered in mmengine's root ``MODELS``, so mmseg and mmpretrain configs find them too.
+
+The classes are derived from :mod:`grpo_rm_mm.core.rewards`: every public function there named
+``<name>_reward`` becomes the registered :class:`BaseReward` subclass ``<Name>Reward``
+(``confidence_penalty_reward`` -> ``ConfidencePenaltyReward``), with the fused objective's
+kernels the function carries (``fn.unchecked``, ``fn.add_unchecked``). Adding a reward is
+adding that function.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
 from mmengine.registry import MODELS
 from torch import Tensor
 
-from ..core.rewards import (
-    accuracy_reward,
-    accuracy_reward_add_unchecked,
-    confidence_penalty_reward,
-    confidence_penalty_reward_unchecked,
-    uniformity_reward,
-    uniformity_reward_unchecked,
-)
+from ..core import rewards as core_rewards
 
-__all__ = ['AccuracyReward', 'BaseReward', 'ConfidencePenaltyReward', 'UniformityReward',
-           'build_reward']
+__all__ = ['BaseReward', 'REWARD_CLASSES', 'build_reward']
 
 
 class BaseReward:
-    """A weighted reward ``weight * fn(probs, labels)``; subclasses set ``fn``.
+    """A weighted reward ``weight * fn(probs, labels, valid)``; subclasses set ``fn``.
 
-    For the fused objective's hot path a subclass may also set ``unchecked_fn(probs, labels,
-    dim, out=None)`` (``fn`` without input checks, class axis ``dim``) or, for a reward that
-    is non-zero only at the label, ``add_unchecked_fn(out, labels, dim, scale)`` (adds
+    For the fused objective's hot path ``fn`` may carry ``fn.unchecked(probs, labels, dim,
+    out=None)`` (``fn`` without input checks, class axis ``dim``) or, for a reward that is
+    non-zero only at the label, ``fn.add_unchecked(out, labels, dim, scale)`` (adds
     ``scale * r`` to ``out`` in place); :attr:`unchecked` / :attr:`add_unchecked` weight them.
     """
 
     fn: Callable[..., Tensor]
-    unchecked_fn: Callable[..., Tensor] | None = None
-    add_unchecked_fn: Callable[..., Tensor] | None = None
 
     def __init__(self, weight: float = 1.0) -> None:
         name = type(self).__name__
@@ -59,7 +56,7 @@ class BaseReward:
     @property
     def unchecked(self) -> Callable[..., Tensor] | None:
         """``(probs, labels, dim, out=None) -> weight * r`` without checks, or None."""
-        kernel = type(self).unchecked_fn
+        kernel = getattr(type(self).fn, 'unchecked', None)
         if kernel is None:
             return None
 
@@ -73,7 +70,7 @@ class BaseReward:
     @property
     def add_unchecked(self) -> Callable[..., Tensor] | None:
         """``(out, labels, dim)``: adds ``weight * r`` to ``out`` without checks, or None."""
-        kernel = type(self).add_unchecked_fn
+        kernel = getattr(type(self).fn, 'add_unchecked', None)
         if kernel is None:
             return None
         return lambda out, labels, dim=-1: kernel(out, labels, dim, scale=self.weight)
@@ -82,31 +79,23 @@ class BaseReward:
         return f'{type(self).__name__}(weight={self.weight})'
 
 
-@MODELS.register_module()
-class AccuracyReward(BaseReward):
-    """``r_i = 1[o_i == y]``."""
-
-    fn = staticmethod(accuracy_reward)
-    add_unchecked_fn = staticmethod(accuracy_reward_add_unchecked)
-
-
-@MODELS.register_module()
-class UniformityReward(BaseReward):
-    """``r_i = -(p_i / (1 - p_y) - 1/(C-1))`` for ``i != y``, 0 for ``y`` (p = pi_old)."""
-
-    fn = staticmethod(uniformity_reward)
-    unchecked_fn = staticmethod(uniformity_reward_unchecked)
+def _reward_class(fn: Callable[..., Tensor]) -> type[BaseReward]:
+    """The registered class of core reward ``fn`` (``<name>_reward`` -> ``<Name>Reward``)."""
+    name = ''.join(part.capitalize() for part in fn.__name__.split('_'))
+    summary = inspect.getdoc(fn).split('\n\n')[0]
+    cls = type(name, (BaseReward, ), dict(
+        fn=staticmethod(fn), __module__=__name__, __qualname__=name,
+        __doc__=f'{summary}\n\nWeighted :func:`grpo_rm_mm.core.rewards.{fn.__name__}`.'))
+    return MODELS.register_module(module=cls)
 
 
-@MODELS.register_module()
-class ConfidencePenaltyReward(BaseReward):
-    """``r_i = -p_i`` for ``i != y``, 0 for ``y`` (p = pi_old)."""
-
-    fn = staticmethod(confidence_penalty_reward)
-    unchecked_fn = staticmethod(confidence_penalty_reward_unchecked)
-
-
-REWARD_TYPES = ('AccuracyReward', 'UniformityReward', 'ConfidencePenaltyReward')
+#: ``{registry name: class}`` of the rewards derived from :mod:`grpo_rm_mm.core.rewards`.
+REWARD_CLASSES: dict[str, type[BaseReward]] = {
+    cls.__name__: cls for cls in (
+        _reward_class(fn) for name, fn in vars(core_rewards).items()
+        if name.endswith('_reward') and not name.startswith('_') and inspect.isfunction(fn))}
+globals().update(REWARD_CLASSES)  # importable by name: from grpo_rm_mm.models.rewards import ...
+__all__ += sorted(REWARD_CLASSES)
 
 
 def build_reward(cfg: dict | Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -115,12 +104,12 @@ def build_reward(cfg: dict | Callable[..., Tensor]) -> Callable[..., Tensor]:
     if callable(cfg) and not isinstance(cfg, dict):
         return cfg
     if not isinstance(cfg, dict) or 'type' not in cfg:
-        raise ValueError(f'a reward must be a dict with a "type" (one of {REWARD_TYPES}) or a '
-                         f'callable, got {cfg!r}')
+        raise ValueError(f'a reward must be a dict with a "type" (one of '
+                         f'{tuple(REWARD_CLASSES)}) or a callable, got {cfg!r}')
     rtype = cfg['type']
     if isinstance(rtype, str) and MODELS.get(rtype) is None:
         raise ValueError(f'unknown reward type {rtype!r}; registered GRPO-RM rewards: '
-                         f'{REWARD_TYPES} (or register your own in mmengine MODELS)')
+                         f'{tuple(REWARD_CLASSES)} (or register your own in mmengine MODELS)')
     try:
         reward = MODELS.build(dict(cfg))
     except TypeError as err:  # bad keyword, e.g. dict(type='AccuracyReward', wieght=1)

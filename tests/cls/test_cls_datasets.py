@@ -11,8 +11,13 @@ from mmpretrain.registry import DATASETS
 
 import grpo_rm_mm  # noqa: F401  (registers the datasets)
 from grpo_rm_mm.datasets.long_tail import LongTailDataset, long_tail_counts
-from grpo_rm_mm.datasets.writers import write_tiny_imagenet
-from grpo_rm_mm.testing import balanced_labels, colour_images, make_cifar10, make_tiny_imagenet
+from grpo_rm_mm.testing import (
+    balanced_labels,
+    colour_images,
+    make_cifar10,
+    make_tiny_imagenet,
+    write_tiny_imagenet,
+)
 
 # deliberately not in alphabetical order: labels must follow wnids.txt
 WNIDS = ['n09999999', 'n01443537', 'n05555555']
@@ -171,7 +176,7 @@ class TestLongTail:
 
     def test_empty_class_named(self, tmp_path: Path) -> None:
         y = np.arange(40) % 9  # class 9 ('truck') never occurs
-        from grpo_rm_mm.datasets.writers import write_cifar10
+        from grpo_rm_mm.testing import write_cifar10
         write_cifar10(tmp_path, (colour_images(y, 32, 10), y), (colour_images(y, 32, 10), y))
         with pytest.raises(ValueError, match="'truck'.*no samples"):
             LongTailDataset(dict(type='LocalCIFAR10', data_root=str(tmp_path), split='train',

@@ -1,4 +1,4 @@
-"""Demo data: IDX files read back by mmpretrain's own MNIST/FashionMNIST classes."""
+"""The IDX data converters: files read back by mmpretrain's own MNIST/FashionMNIST classes."""
 from __future__ import annotations
 
 import gzip
@@ -11,23 +11,24 @@ import pytest
 from mmpretrain.datasets import MNIST, FashionMNIST
 from mmpretrain.datasets.utils import rm_suffix
 
-from grpo_rm_mm.datasets import demo_data
-from grpo_rm_mm.datasets.demo_data import (
+from grpo_rm_mm.testing.formats import (
     IDX_FILES,
     TEST_IMAGES,
     TEST_LABELS,
     TRAIN_IMAGES,
     TRAIN_LABELS,
-    _image_seed,
-    corrupt_gray,
-    digits_to_mnist_frame,
-    find_fashion_mnist_gz,
-    prepare_fashion_mnist,
-    prepare_fashion_mnist_corruptions,
-    prepare_mnist_to_digits,
     read_idx,
     write_idx,
 )
+from tools.dataset_converters import fashion_mnist
+from tools.dataset_converters.fashion_mnist import (
+    _image_seed,
+    corrupt_gray,
+    find_fashion_mnist_gz,
+    prepare_fashion_mnist,
+    prepare_fashion_mnist_corruptions,
+)
+from tools.dataset_converters.mnist_digits import digits_to_mnist_frame, prepare_mnist_to_digits
 
 # mmpretrain 1.2.0's MNIST.load_data_list calls np.array(<torch scalar>, dtype=...) per sample,
 # which numpy 2 + torch 2.14 answer with a DeprecationWarning each (~87k here, ~7 s of pytest's
@@ -109,7 +110,7 @@ def test_idx_round_trip_through_mmpretrain(tmp_path, cls):
 
 
 def test_fashion_mnist_missing_package_message(monkeypatch, tmp_path):
-    monkeypatch.setenv(demo_data.FASHION_MNIST_ENV, str(tmp_path))
+    monkeypatch.setenv(fashion_mnist.FASHION_MNIST_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
         find_fashion_mnist_gz()
 

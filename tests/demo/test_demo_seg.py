@@ -1,5 +1,5 @@
-"""Demo segmentation data: Fashion-MNIST items on canvases, written as a Pascal VOC folder that
-mmseg's (checked) VOC dataset reads, and a short GRPO-RM training run on it."""
+"""The Fashion-VOC converter: Fashion-MNIST items on canvases, written as a Pascal VOC folder that
+the checked VOC-format dataset reads, and a short GRPO-RM training run on it."""
 from __future__ import annotations
 
 import json
@@ -12,23 +12,21 @@ import pytest
 from mmengine.registry import DefaultScope
 from PIL import Image
 
-from grpo_rm_mm.datasets.demo_data import (
+from grpo_rm_mm.datasets.voc import CheckedPascalVOCDataset, VOCFormatDataset
+from grpo_rm_mm.testing.formats import (
     TEST_IMAGES,
     TEST_LABELS,
     TRAIN_IMAGES,
     TRAIN_LABELS,
-    find_fashion_mnist_gz,
-    prepare_fashion_mnist,
     read_idx,
 )
-from grpo_rm_mm.datasets.demo_seg import (
+from tools.dataset_converters.fashion_mnist import find_fashion_mnist_gz, prepare_fashion_mnist
+from tools.dataset_converters.fashion_voc import (
     FASHION_VOC_CLASSES,
     MASK_THRESHOLD,
-    FashionVOCDataset,
     composite,
     prepare_fashion_voc,
 )
-from grpo_rm_mm.datasets.voc_checks import CheckedPascalVOCDataset
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / 'configs' / 'demo' / 'fashion_voc_grpo_rm.py'
@@ -80,12 +78,13 @@ def _ring(mask: np.ndarray) -> np.ndarray:
 
 def test_mmseg_voc_dataset_reads_the_folder(voc) -> None:
     assert voc.parts[-2:] == ('VOCdevkit', 'VOC2012')
-    assert issubclass(FashionVOCDataset, CheckedPascalVOCDataset)
+    assert issubclass(VOCFormatDataset, CheckedPascalVOCDataset)
     pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations')]
     for split, n in (('train', 16), ('val', 8)):
         with DefaultScope.overwrite_default_scope('mmseg'):  # mmseg's LoadAnnotations
-            ds = FashionVOCDataset(
+            ds = VOCFormatDataset(
                 data_root=str(voc), ann_file=f'ImageSets/Segmentation/{split}.txt',
+                metainfo=dict(classes=FASHION_VOC_CLASSES),
                 data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClass'),
                 pipeline=pipeline)
         assert len(ds) == n

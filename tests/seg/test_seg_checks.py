@@ -13,7 +13,7 @@ from PIL import Image
 from seg_common import TINY_CFG
 
 import grpo_rm_mm  # noqa: F401  (registers the components)
-from grpo_rm_mm.datasets.writers import save_voc_mask
+from grpo_rm_mm.datasets.voc import save_voc_mask
 from grpo_rm_mm.testing import make_voc2012
 
 TRAIN_PIPELINE = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'),

@@ -29,7 +29,7 @@ from mmengine.registry import init_default_scope
 from seg_common import DATA_CLASSES, TINY_CFG
 from test_seg_head import C, batch, samples, tiny_segmentor
 
-from grpo_rm_mm.datasets.writers import save_voc_mask
+from grpo_rm_mm.datasets.voc import save_voc_mask
 from grpo_rm_mm.engine.guards import first_non_finite
 from grpo_rm_mm.engine.optim_wrappers import GRPOOptimWrapper
 from grpo_rm_mm.testing import make_voc2012

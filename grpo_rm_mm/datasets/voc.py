@@ -1,20 +1,60 @@
-"""Checked Pascal VOC loading: bad files fail early with an error naming the file.
+"""Pascal VOC 2012 format: its colour map and palette PNGs, checked loading, own class lists.
 
+- :func:`voc_palette`, :func:`save_voc_mask`: the 256-entry VOC colour map and label maps saved
+  as palette PNGs, as ``SegmentationClass`` holds them (``SegPalettePredictionHook`` writes its
+  predictions this way).
 - ``CheckSegAnnotation`` (a transform, put right after ``LoadAnnotations``): the mask must have
   the size of its image and hold only class indices ``0..C-1`` or ``ignore_index``.
 - ``CheckedPascalVOCDataset``: mmseg's ``PascalVOCDataset`` that refuses a missing or empty split
   file and inserts ``CheckSegAnnotation`` after every ``LoadAnnotations`` of its pipeline.
+- ``VOCFormatDataset``: a ``CheckedPascalVOCDataset`` for a folder in the VOC layout whose
+  classes are not VOC's: the config's ``metainfo`` names them.
 """
 from __future__ import annotations
 
 import os.path as osp
+from pathlib import Path
 
 import numpy as np
 from mmcv.transforms import BaseTransform
 from mmseg.datasets import PascalVOCDataset
 from mmseg.registry import DATASETS, TRANSFORMS
+from PIL import Image
 
-__all__ = ['CheckSegAnnotation', 'CheckedPascalVOCDataset']
+__all__ = ['VOC_CLASSES', 'CheckSegAnnotation', 'CheckedPascalVOCDataset', 'VOCFormatDataset',
+           'save_voc_mask', 'voc_palette']
+
+VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car',
+               'cat', 'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person',
+               'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
+
+
+def voc_palette() -> list[int]:
+    """The 256-entry Pascal VOC colour map, flattened to ``[r0, g0, b0, r1, ...]``.
+
+    Colour of label ``c``: bit ``j`` of each of r, g, b (from the top bit down) is bit
+    ``3 j + 0/1/2`` of ``c``.
+    """
+    palette = []
+    for label in range(256):
+        r = g = b = 0
+        c = label
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def save_voc_mask(mask: np.ndarray, path: str | Path) -> None:
+    """Save an (H, W) uint8 label map as a palette PNG, as VOC's SegmentationClass does."""
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f'mask must be an (H, W) uint8 array, got {mask.dtype} {mask.shape}')
+    img = Image.fromarray(mask, mode='P')
+    img.putpalette(voc_palette())
+    img.save(path)
 
 
 @TRANSFORMS.register_module()
@@ -111,3 +151,34 @@ class CheckedPascalVOCDataset(PascalVOCDataset):
         # blank lines (e.g. a trailing one) would become an image called '.jpg': drop them
         data_list = super().load_data_list()
         return [d for d in data_list if osp.basename(d['img_path']) != self.img_suffix]
+
+
+@DATASETS.register_module()
+class VOCFormatDataset(CheckedPascalVOCDataset):
+    """A folder in the Pascal VOC 2012 layout with its own classes (same arguments otherwise).
+
+    mmseg's ``PascalVOCDataset`` maps a ``metainfo`` class list onto VOC's 21 classes and refuses
+    names that are not VOC ones; here the list *is* the data set's: label ``k`` of a mask is
+    ``metainfo['classes'][k]``. Without a ``palette`` the classes get the first colours of the
+    VOC colour map (:func:`voc_palette`), which is how the palette PNGs show them::
+
+        dataset = dict(type='VOCFormatDataset', data_root='data/my_voc/VOCdevkit/VOC2012',
+                       metainfo=dict(classes=('background', 'cat', 'dog')),
+                       ann_file='ImageSets/Segmentation/train.txt', ...)
+
+    Args:
+        metainfo: ``dict(classes=(...), palette=[[r, g, b], ...])``; ``classes`` is required.
+    """
+
+    METAINFO: dict = dict()
+
+    def __init__(self, ann_file: str, metainfo: dict | None = None, **kwargs) -> None:
+        if not metainfo or not metainfo.get('classes'):
+            raise ValueError('VOCFormatDataset needs the classes of its masks: '
+                             'metainfo=dict(classes=(name_0, name_1, ...)), label k = name_k')
+        metainfo = dict(metainfo)
+        if 'palette' not in metainfo:
+            colours = voc_palette()
+            metainfo['palette'] = [colours[3 * k:3 * k + 3]
+                                   for k in range(len(metainfo['classes']))]
+        super().__init__(ann_file=ann_file, metainfo=metainfo, **kwargs)

@@ -1,8 +1,8 @@
-"""Writers for the real on-disk formats the configs read.
+"""Writers for the real on-disk formats the configs read (and a reader for IDX files).
 
-Tests and demos write small data sets in exactly the layout that the public releases use, so the
-same dataset classes and pipelines that read real Pascal VOC 2012, CIFAR-10 and Tiny-ImageNet
-read these too:
+Tests and the data converters of ``tools/dataset_converters/`` write data sets in exactly the
+layout that the public releases use, so the same dataset classes and pipelines that read real
+Pascal VOC 2012, CIFAR-10, Tiny-ImageNet and (Fashion-)MNIST read these too:
 
 - Pascal VOC 2012: ``VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png (palette),
   ImageSets/Segmentation/{train,val,trainval}.txt}``; the SBD "aug" set as mmseg's
@@ -14,45 +14,32 @@ read these too:
   which is how mmpretrain and torchvision read it).
 - Tiny-ImageNet-200: ``wnids.txt``, ``words.txt``, ``train/<wnid>/images/<wnid>_<i>.JPEG``,
   ``train/<wnid>/<wnid>_boxes.txt``, ``val/images/val_<i>.JPEG``, ``val/val_annotations.txt``.
+- MNIST / Fashion-MNIST (IDX, "ubyte"): a folder with :data:`IDX_FILES`, the un-gzipped names
+  that mmpretrain's ``MNIST`` / ``FashionMNIST`` read (they check that all four exist). A file
+  is a 4-byte magic ``0 0 <type code> <ndim>``, ``ndim`` big-endian uint32 sizes, then the
+  values in C order, big-endian.
 """
 from __future__ import annotations
 
+import gzip
+import os
 import pickle
+import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car',
-               'cat', 'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person',
-               'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
+from ..datasets.voc import save_voc_mask
+
+__all__ = ['CIFAR10_CLASSES', 'IDX_FILES', 'TEST_IMAGES', 'TEST_LABELS', 'TRAIN_IMAGES',
+           'TRAIN_LABELS', 'idx_complete', 'read_idx', 'read_idx_header', 'write_cifar10',
+           'write_idx', 'write_tiny_imagenet', 'write_voc2012', 'write_voc_aug']
+
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                    'ship', 'truck')
-
-
-def voc_palette() -> list[int]:
-    """The 256-entry Pascal VOC colour map, flattened to ``[r0, g0, b0, r1, ...]``."""
-    palette = []
-    for label in range(256):
-        r = g = b = 0
-        c = label
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def save_voc_mask(mask: np.ndarray, path: str | Path) -> None:
-    """Save an (H, W) uint8 label map as a palette PNG, as VOC's SegmentationClass does."""
-    if mask.dtype != np.uint8 or mask.ndim != 2:
-        raise ValueError(f'mask must be an (H, W) uint8 array, got {mask.dtype} {mask.shape}')
-    img = Image.fromarray(mask, mode='P')
-    img.putpalette(voc_palette())
-    img.save(path)
 
 
 def write_voc2012(root: str | Path, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -185,3 +172,101 @@ def write_tiny_imagenet(root: str | Path, wnids: Sequence[str],
         ann.append(f'{name}\t{wnids[int(label)]}\t0\t0\t{w - 1}\t{h - 1}\n')
     (root / 'val' / 'val_annotations.txt').write_text(''.join(ann))
     return root
+
+
+#: The un-gzipped file names mmpretrain's ``MNIST``/``FashionMNIST`` read (train, then test).
+TRAIN_IMAGES = 'train-images-idx3-ubyte'
+TRAIN_LABELS = 'train-labels-idx1-ubyte'
+TEST_IMAGES = 't10k-images-idx3-ubyte'
+TEST_LABELS = 't10k-labels-idx1-ubyte'
+IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+# IDX type codes (the MNIST file format; see mmpretrain.datasets.mnist).
+_IDX_DTYPES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype('>i2'): 0x0B,
+    np.dtype('>i4'): 0x0C,
+    np.dtype('>f4'): 0x0D,
+    np.dtype('>f8'): 0x0E,
+}
+_IDX_CODES = {code: dtype for dtype, code in _IDX_DTYPES.items()}
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> Path:
+    """Write ``array`` as an IDX file (the MNIST format) and return its path.
+
+    Args:
+        path: Output file (parents are created; written to a temporary file, then renamed).
+        array: Images ``(N, H, W)`` or labels ``(N,)`` (1 to 3 dims, which mmpretrain reads), of
+            dtype uint8 (what mmpretrain's MNIST reader accepts), int8, int16, int32, float32 or
+            float64 (stored big-endian, as the format requires).
+
+    Raises:
+        ValueError: on another dtype or number of dims.
+    """
+    array = np.asarray(array)
+    if not 1 <= array.ndim <= 3:
+        raise ValueError(f'IDX files here hold 1 to 3 dims, got shape {array.shape}')
+    big = array.dtype.newbyteorder('>') if array.dtype.itemsize > 1 else array.dtype
+    if big not in _IDX_DTYPES:
+        raise ValueError(f'dtype {array.dtype} has no IDX type code; use one of '
+                         'uint8, int8, int16, int32, float32, float64')
+    header = bytes([0, 0, _IDX_DTYPES[big], array.ndim])
+    header += struct.pack(f'>{array.ndim}I', *array.shape)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # beside the target (same file system), so the rename is atomic
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    with open(tmp, 'wb') as f:
+        f.write(header)
+        f.write(np.ascontiguousarray(array, dtype=big).tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def _open(path: Path):
+    return gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')
+
+
+def read_idx_header(path: str | Path) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """The (dtype, shape) an IDX file (or ``.gz``) declares, or None if it is not one."""
+    try:
+        with _open(Path(path)) as f:
+            magic = f.read(4)
+            if len(magic) != 4 or magic[:2] != b'\0\0' or magic[2] not in _IDX_CODES:
+                return None
+            ndim = magic[3]
+            dims = f.read(4 * ndim)
+            if len(dims) != 4 * ndim:
+                return None
+            return _IDX_CODES[magic[2]], struct.unpack(f'>{ndim}I', dims)
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (plain or ``.gz``) into a native-endian array of its declared shape."""
+    path = Path(path)
+    header = read_idx_header(path)
+    if header is None:
+        raise ValueError(f'{path} is not an IDX file')
+    dtype, shape = header
+    with _open(path) as f:
+        data = f.read()
+    offset = 4 + 4 * len(shape)
+    count = int(np.prod(shape))
+    if len(data) != offset + count * dtype.itemsize:
+        raise ValueError(f'{path}: {len(data)} bytes, but its header declares {shape} {dtype}')
+    array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+    return array.astype(dtype.newbyteorder('='))
+
+
+def idx_complete(path: str | Path) -> bool:
+    """Whether ``path`` is an uncompressed IDX file whose size matches its header."""
+    path = Path(path)
+    header = read_idx_header(path) if path.suffix != '.gz' and path.is_file() else None
+    if header is None:
+        return False
+    dtype, shape = header
+    return path.stat().st_size == 4 + 4 * len(shape) + int(np.prod(shape)) * dtype.itemsize

@@ -3,8 +3,9 @@
 For each config the test writes a tiny data set of the kind the config reads (Pascal VOC 2012
 with the SBD aug set, CIFAR-10 pickles, Tiny-ImageNet folders, the demo's Fashion-MNIST / MNIST
 IDX files and its Fashion-VOC folder), points the config's ``data_root`` at it, builds every
-dataloader the config defines with the runner's own ``Runner.build_dataloader`` (dataset class,
-sampler, real pipeline, collate), and runs one batch through the model's data_preprocessor and
+dataloader the config defines, and the reference set ``RepresentationReferenceHook`` derives,
+with the runner's own ``Runner.build_dataloader`` (dataset class, sampler, real pipeline,
+collate), and runs one batch through the model's data_preprocessor and
 its loss (train) or prediction (val/test), with random weights (no pretrained download).
 A second test keeps the list complete: a new config without a data writer here fails it.
 """
@@ -21,6 +22,7 @@ from mmengine.config import Config, ConfigDict
 from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import Runner
 
+from grpo_rm_mm.evaluation.hooks import reference_dataloader_cfg
 from grpo_rm_mm.testing import (
     TEST_IMAGES,
     TEST_LABELS,
@@ -117,10 +119,13 @@ def test_config_builds_its_data_and_runs_one_batch(name: str, tmp_path: Path,
     for key, value in values.pop('env', {}).items():
         monkeypatch.setenv(key, value)
     cfg = Config.fromfile(str(CONFIGS / name))
-    loaders = {key: cfg[key] for key in ('train_dataloader', 'val_dataloader',
-                                         'test_dataloader', 'reference_dataloader')
+    loaders = {key: cfg[key] for key in ('train_dataloader', 'val_dataloader', 'test_dataloader')
                if cfg.get(key) is not None}
     assert {'train_dataloader', 'val_dataloader', 'test_dataloader'} <= loaders.keys()
+    if any(h.type == 'RepresentationReferenceHook' for h in cfg.get('custom_hooks', [])):
+        # the kNN / SR reference set the hook derives: the training set, test pipeline
+        loaders['reference_dataloader'] = ConfigDict(
+            reference_dataloader_cfg(cfg.train_dataloader, cfg.test_dataloader))
     for loader in loaders.values():
         _override(loader, values)
 

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import os.path as osp
-import re
 import subprocess
 import sys
 import time
@@ -97,10 +96,15 @@ def table(task: str, grpo: dict, ce: dict) -> str:
     return '\n'.join(rows)
 
 
-def seg_metrics(log: str) -> dict[str, float]:
-    """aAcc / mIoU / mAcc of the last ``Iter(test)`` line of a ``tools/test.py`` log."""
-    line = [ln for ln in log.splitlines() if 'Iter(test)' in ln and 'mIoU' in ln][-1]
-    return {m: float(re.search(rf'{m}: ([\d.]+)', line).group(1)) for m in SEG_METRICS}
+def seg_metrics(test_dir: Path) -> dict[str, float]:
+    """aAcc / mIoU / mAcc of the latest ``tools/test.py`` run with ``--work-dir test_dir``, read
+    from the metrics file mmengine writes there (``<timestamp>/<timestamp>.json``, one JSON
+    object per line; a test run writes one)."""
+    files = sorted(p for p in test_dir.glob('*/*.json') if p.stem == p.parent.name)
+    if not files:
+        sys.exit(f'no metrics file <timestamp>/<timestamp>.json under {test_dir}')
+    metrics = json.loads(files[-1].read_text().splitlines()[-1])
+    return {m: round(float(metrics[m]), 4) for m in SEG_METRICS}  # as the log prints them
 
 
 def seg_table(grpo: dict[str, float], ce: dict[str, float]) -> str:
@@ -143,9 +147,8 @@ def main() -> None:
                     f'train_cfg.val_interval={size["val"]}',
                     f'default_hooks.checkpoint.interval={size["epochs"]}']
             n_train = size['train' if task == 'fashion_mnist' else 'digits_train']
-            # custom_hooks.1 is the RepresentationReferenceHook: the kNN / SR reference set
-            opts += [f'train_dataloader.dataset.indices={n_train}',
-                     f'custom_hooks.1.dataloader.dataset.indices={n_train}']
+            # the kNN / SR reference set is the training set (RepresentationReferenceHook)
+            opts += [f'train_dataloader.dataset.indices={n_train}']
             if task == 'fashion_mnist':
                 opts += [f'val_dataloader.dataset.indices={size["test"]}',
                          f'test_dataloader.dataset.indices={size["test"]}']
@@ -177,7 +180,7 @@ def main() -> None:
             bar.set_postfix_str(f'segmentation: testing {method}')
             run([py, 'tools/test.py', config, str(wd / f'iter_{it}.pth'), '--work-dir',
                  str(wd / 'test')], wd / 'test.log', env)
-            seg[method] = seg_metrics((wd / 'test.log').read_text())
+            seg[method] = seg_metrics(wd / 'test')
             bar.update()
         tables.append(seg_table(seg['grpo_rm'], seg['ce']))
     bar.close()

@@ -22,7 +22,7 @@ reference, kept as the test oracle) computes, for every registered group weighti
   which is exactly the gradient autograd gives the reference (the KL part equals
   ``beta p_k (log p_k - log ref_k - KL)`` since ``sum_i p_i = 1``). The chunk's gradient is
   written into one (N, C) tensor in the logits' dtype; that tensor is all the autograd node
-  keeps, and its backward is ``grad_output * saved``. Peak memory is that tensor, the
+  keeps, and its backward scales it in place by ``grad_output``. Peak memory is that tensor, the
   backward's output, the chunk's scratch buffers (reused from chunk to chunk, see
   :class:`_Workspace`) and, for 'sampled', the (N, C) uint8 draw counts.
 * **Checks in the same pass, one host synchronisation.** Labels are checked per chunk
@@ -33,7 +33,11 @@ reference, kept as the test oracle) computes, for every registered group weighti
   ``tolist()`` at the end of the call: that read is needed anyway for ``grpo_queries`` and
   the all-ignored-batch case. 'sampled' needs **two**: the draws are made before the chunks,
   over the valid queries (their number sizes the draw), so the number of valid queries and
-  the finiteness of the draws' source are read first. With ``validated=True`` (inner steps
+  the finiteness of the draws' source are read first. 'pi_old' takes a second pass and read
+  only when a probability of pi_old underflows to exactly 0 (a logit gap beyond about 87 in
+  float32, 745 in float64): a group is flat when its outputs *with weight* share a reward,
+  and the one-pass flat test over all outputs is exact only while every weight is positive,
+  which the same read reports. With ``validated=True`` (inner steps
   on a batch whose labels an earlier call validated) the label check is skipped. If a check
   fails, the reference is called on the same inputs and raises its error, so the messages
   are exactly the reference's; should the reference accept them (finite logits more than
@@ -75,11 +79,14 @@ from .objective import (
 )
 
 __all__ = ['DEFAULT_CHUNK_ELEMENTS', 'FUSED_SURROGATES', 'FUSED_WEIGHTINGS',
-           'grpo_rm_loss_fused']
+           'MAX_CHUNK_ELEMENTS', 'default_chunk_size', 'grpo_rm_loss_fused']
 
-#: Elements (queries x C) per chunk by default: the chunk's scratch buffers stay small next
-#: to the (N, C) tensors, and chunks are large enough that per-operation overhead is small.
+#: Elements (queries x C) per chunk by default: a quarter of the input, within
+#: [DEFAULT_CHUNK_ELEMENTS, MAX_CHUNK_ELEMENTS]. The chunk's scratch buffers (up to about a
+#: dozen of chunk size) then stay below the (N, C) tensors of a large input, and there are few
+#: enough chunks that the per-operation overhead of each stays small next to the arithmetic.
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
+MAX_CHUNK_ELEMENTS = 1 << 20
 FUSED_WEIGHTINGS = ('uniform', 'pi_old', 'sampled')
 FUSED_SURROGATES = ('clip', 'dual_clip')
 
@@ -118,6 +125,7 @@ class _Problem:
     group_size: int
     validated: bool
     chunk: int
+    exact_flat: bool = False       # 'pi_old': flat groups tested over the weighted outputs
 
     @property
     def num_classes(self) -> int:
@@ -146,12 +154,14 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
       ``x.movedim(1, -1).reshape(-1, C)`` flattens them, without that copy.
     * ``validated``: the labels were checked by an earlier call (inner steps on a cached
       batch): the label check is skipped (labels must then be classes or ignored).
-    * ``chunk_size``: queries per chunk (default ``DEFAULT_CHUNK_ELEMENTS // C``, at least 1).
+    * ``chunk_size``: queries per chunk (default :func:`default_chunk_size`).
 
     Returns ``(loss, diagnostics)`` with the reference's keys and values; the loss is
     differentiable with respect to ``logits`` only (the other inputs are constants, as in the
-    reference). Double backward is not supported. Host synchronisations: one per call, two
-    with ``group_weighting='sampled'`` (module doc).
+    reference). Double backward is not supported, nor a second backward through the same
+    graph (the saved gradient is scaled in place). Host synchronisations: one per call, two
+    with ``group_weighting='sampled'`` or when a pi_old probability underflows to 0 (module
+    doc).
     """
     beta, eps_low, eps_high = _static_checks(
         logits, labels, old_logits, ref_logits, valid, weight, rewards, clip_eps, beta,
@@ -186,7 +196,7 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
         weighting=group_weighting, surrogate=surrogate, adv_std=adv_std,
         adv_eps=float(adv_eps), adv_scale=adv_scale, group_size=group_size,
         validated=bool(validated),
-        chunk=chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // c))
+        chunk=chunk_size or default_chunk_size(logits.numel(), c))
     out: dict = {}
     state = generator.get_state() if generator is not None else None
     try:
@@ -206,6 +216,13 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
     if out['n_valid'] == 0:
         return _empty_batch_loss(logits, cdt)
     return loss, out['diagnostics']
+
+
+def default_chunk_size(numel: int, num_classes: int) -> int:
+    """Queries per chunk for logits of ``numel`` elements and C = ``num_classes``: a quarter
+    of the elements, clamped to [DEFAULT_CHUNK_ELEMENTS, MAX_CHUNK_ELEMENTS], over C."""
+    elements = min(max(numel // 4, DEFAULT_CHUNK_ELEMENTS), MAX_CHUNK_ELEMENTS)
+    return max(1, elements // max(num_classes, 1))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -322,8 +339,9 @@ def _row_wise(fn: Callable[..., Tensor]) -> RewardKernel:
 # ----------------------------------------------------------------------------- chunks
 def _chunks(b: int, s: int, q: int) -> Iterator[tuple[int, int, int, int]]:
     """``(b0, b1, s0, s1)`` blocks of about ``q`` queries covering (B, S) in query order:
-    near-equal pixel ranges of one image when ``S >= q``, else groups of whole images."""
-    if s >= q:
+    near-equal pixel ranges of one image when ``S > 2 q``, else groups of whole images (one
+    image when ``q <= S <= 2 q``: fewer, larger chunks cost fewer operator calls)."""
+    if s > 2 * q:
         parts = -(-s // q)
         step = -(-s // parts)
         for i in range(b):
@@ -390,13 +408,24 @@ def _indicator_le0(t: Tensor) -> Tensor:
     return t.sign_().neg_().add_(1.0).clamp_max_(1.0)
 
 
-def _advantages(prob: _Problem, ws: _Workspace, r: Tensor, w: Tensor | None) -> Tensor:
+def _advantages(prob: _Problem, ws: _Workspace, acc: _Accumulator, r: Tensor,
+                w: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Advantages (n, C, L) of rewards ``r`` under group weights ``w`` (None: uniform 1/C),
-    as :func:`.advantages.weighted_advantages` along dim 1 (flat groups get exactly 0)."""
+    as :func:`.advantages.weighted_advantages` along dim 1 (flat groups get exactly 0), and,
+    for 'pi_old' weights, ``sum_i w_i r_i`` (n, 1, L) (the expected reward, reused as the
+    diagnostic), else None.
+
+    A group is flat when the outputs *with weight* share one reward. Under 'pi_old' every
+    weight is positive unless a probability underflows to exactly 0 (logit gaps beyond some
+    87 in float32), so the flat test there is over all outputs, and an exact zero weight in
+    the chunk is flagged (``acc.zero_weight``): the call is then redone with
+    ``prob.exact_flat``, which excludes the outputs without weight (as 'sampled' always does).
+    """
     c = prob.num_classes
     tmp = ws('tmp', r.shape)
     r_max = r.amax(dim=1, keepdim=True)
     r_min = r.amin(dim=1, keepdim=True)
+    expected = None
     if w is None:
         mean = r.sum(dim=1, keepdim=True) * (1.0 / c)
         flat = r_max <= r_min
@@ -405,18 +434,27 @@ def _advantages(prob: _Problem, ws: _Workspace, r: Tensor, w: Tensor | None) -> 
         # a query without weight (an uncounted query under 'sampled') is treated as flat
         empty = total <= 0
         total = torch.where(empty, torch.ones_like(total), total)
-        mean = torch.mul(w, r, out=tmp).sum(dim=1, keepdim=True) / total
-        # flat: the outputs with weight (w > 0) have one reward. Outputs without weight are
-        # pushed out of the max / min by the largest float (exact for |r| < 1e38)
-        big = torch.finfo(r.dtype).max
-        unweighted = torch.sign(w, out=tmp).neg_().add_(1.0)     # w >= 0: 1 where w == 0
-        shifted = ws('adv.shifted', r.shape)
-        high = torch.add(r, unweighted, alpha=-big, out=shifted).amax(dim=1, keepdim=True)
-        low = torch.add(r, unweighted, alpha=big, out=shifted).amin(dim=1, keepdim=True)
-        flat = (high <= low) | empty
+        weighted_sum = torch.mul(w, r, out=tmp).sum(dim=1, keepdim=True)
+        mean = weighted_sum / total
+        if prob.weighting == 'pi_old':
+            expected = weighted_sum
+        if prob.weighting == 'pi_old' and not prob.exact_flat:
+            acc.zero_weight |= w.amin() <= 0
+            flat = (r_max <= r_min) | empty
+        else:
+            # outputs without weight are pushed out of the max / min by the largest float
+            # (exact for |r| < 1e38): r - big * [w == 0] and r + big * [w == 0]
+            big = torch.finfo(r.dtype).max
+            unweighted = torch.sign(w, out=tmp).sub_(1.0)     # w >= 0: -1 where w == 0, else 0
+            shifted = ws('adv.shifted', r.shape)
+            high = torch.addcmul(r, unweighted, r_max.new_full((), big),
+                                 out=shifted).amax(dim=1, keepdim=True)
+            low = torch.addcmul(r, unweighted, r_max.new_full((), -big),
+                                out=shifted).amin(dim=1, keepdim=True)
+            flat = (high <= low) | empty
     centred = torch.sub(r, mean, out=ws('adv', r.shape))
     if prob.adv_scale == 'none':
-        return centred.mul_((~flat).to(centred.dtype))
+        return centred.mul_((~flat).to(centred.dtype)), expected
     # as the reference: the squares are taken of centred / max|centred| (in [-1, 1]);
     # max_i |r_i - mean| = max(r_max - mean, mean - r_min) exactly (rounding is monotone)
     mag = torch.maximum(r_max - mean, mean - r_min)
@@ -437,7 +475,7 @@ def _advantages(prob: _Problem, ws: _Workspace, r: Tensor, w: Tensor | None) -> 
             var = var * n / (n - 1).clamp_min(torch.finfo(r.dtype).eps)
     # a flat group gets exactly 0: its scale factor is 0 (unit is finite)
     scale = torch.where(flat, torch.zeros_like(var), 1.0 / (var.sqrt() + prob.adv_eps / mag))
-    return unit.mul_(scale)
+    return unit.mul_(scale), expected
 
 
 def _first_argmax(logp: Tensor, top: Tensor, out: Tensor) -> Tensor:
@@ -495,6 +533,8 @@ class _Accumulator:
     def __init__(self, device: torch.device, cdt: torch.dtype) -> None:
         self.stats = torch.zeros(self.ROWS, dtype=cdt, device=device)
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        # a 'pi_old' weight of exactly 0 was seen (see :func:`_advantages`)
+        self.zero_weight = torch.zeros((), dtype=torch.bool, device=device)
 
     def flag(self, condition: Tensor) -> None:
         self.bad |= condition
@@ -517,14 +557,14 @@ def _chunk(prob: _Problem, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_
     mask, in_range = _valid_block(prob, y, valid)
     if not prob.validated:
         acc.flag(~in_range.all())
-    ysafe = torch.where(mask, y, torch.zeros_like(y)).long()
+    ysafe = (y * mask).long()                            # uncounted queries read class 0
     m = mask.to(cdt)
     if prob.weight is None:
         u_loss = m                                       # u_q = 1 on counted queries
     else:
         u = prob.weight[b0:b1, s0:s1].to(cdt)
         u_loss = torch.where(mask, u, torch.zeros_like(u))
-    u_grad = (u_loss * inv_n).unsqueeze(1)              # (n, 1, L): u_q / n_valid
+    kappa = (u_loss * -inv_n).unsqueeze(1)              # (n, 1, L): -u_q / n_valid
 
     logp, p, top = _softmax_pair(prob.z[b0:b1, :, s0:s1], ws, 'z')
     shape = logp.shape
@@ -548,16 +588,19 @@ def _chunk(prob: _Problem, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_
         w.mul_(1.0 / prob.group_size)
     else:  # 'uniform' (or 'sampled' without a valid query: nothing is counted)
         w = None
-    reward_q = torch.mul(p_old, r, out=tmp).sum(dim=1)   # sum_i p_old_i r_i (diagnostic)
-    adv = _advantages(prob, ws, r, w)
+    adv, expected = _advantages(prob, ws, acc, r, w)
+    # sum_i p_old_i r_i (the diagnostic; 'pi_old' computed it for the advantages' mean)
+    reward_q = (torch.mul(p_old, r, out=tmp).sum(dim=1) if expected is None
+                else expected.squeeze(1))
 
-    # surrogate and g = d loss / d log p (the closed form of the module doc), times u_q / n
-    k = u_grad * (-1.0 / c) if w is None else torch.mul(w, u_grad, out=tmp).neg_()
+    # surrogate and g = kappa w d s / d log p (the closed form of the module doc); r is no
+    # longer needed and holds g
+    k = kappa * (1.0 / c) if w is None else torch.mul(w, kappa, out=ws('k', shape))
     clipped_count = None
     if prob.old is None:
         # ratio 1: nothing is clipped, the surrogate is A and d s / d log p = A
         surr = adv
-        g = torch.mul(adv, k, out=r)                  # r is no longer needed
+        g = torch.mul(adv, k, out=r)
     else:
         log_ratio = torch.sub(logp, old_logp, out=ws('log_ratio', shape))
         ratio = torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP,
@@ -565,7 +608,7 @@ def _chunk(prob: _Problem, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_
         # 1 inside the log-ratio clamp (where it passes the gradient), 0 outside
         inside = log_ratio.sub_(ratio).sign_().abs_().neg_().add_(1.0)
         ratio.exp_()
-        g = torch.mul(ratio, adv, out=r)               # r A, unclipped (r is no longer needed)
+        g = torch.mul(ratio, adv, out=r)               # r A, unclipped
         in_clip = torch.clamp(ratio, 1.0 - prob.eps_low, 1.0 + prob.eps_high,
                               out=ws('in_clip', shape))
         surr = torch.mul(in_clip, adv, out=ws('surr', shape))        # clip(r) A
@@ -594,7 +637,7 @@ def _chunk(prob: _Problem, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_
         kl = p_diff.sum(dim=1)
         if prob.beta > 0:
             # d/d log p_i of sum_j p_j (log p_j - log ref_j) = p_i (log p_i - log ref_i) + p_i
-            g.addcmul_(p_diff.add_(p), u_grad, value=prob.beta)
+            g.addcmul_(p_diff.add_(p), kappa, value=-prob.beta)
     # through the log-softmax (dz_k = g_k - p_k sum_i g_i), into the saved gradient
     g_sum = g.sum(dim=1, keepdim=True)
     torch.addcmul(g, p, g_sum, value=-1.0, out=grad[b0:b1, :, s0:s1])
@@ -647,14 +690,22 @@ def _forward(prob: _Problem, generator: torch.Generator | None,
 
     grad = torch.empty((b, c, s), dtype=prob.z.dtype, device=device)
     ws = _Workspace(prob.cdt, device)
-    for block in _chunks(b, s, prob.chunk):
-        _chunk(prob, acc, ws, grad, inv_n, block, counts)
-
-    # the call's host sync (the second with 'sampled'): n_valid and the checks. A non-finite
-    # logit (current, pi_old or pi_ref), query weight or reward of a counted query makes a
-    # sum of the statistics non-finite (NaN / inf propagate through the chunk's arithmetic)
-    bad = acc.bad | ~torch.isfinite(acc.stats).all()
-    n_host, bad_host = torch.stack([n_valid, bad.long()]).tolist()
+    while True:
+        for block in _chunks(b, s, prob.chunk):
+            _chunk(prob, acc, ws, grad, inv_n, block, counts)
+        # the call's host sync (the second with 'sampled'): n_valid and the checks. A
+        # non-finite logit (current, pi_old or pi_ref), query weight or reward of a counted
+        # query makes a sum of the statistics non-finite (NaN / inf propagate through the
+        # chunk's arithmetic)
+        bad = acc.bad | ~torch.isfinite(acc.stats).all()
+        n_host, bad_host, zero_weight = torch.stack(
+            [n_valid, bad.long(), acc.zero_weight.long()]).tolist()
+        if not zero_weight or bad_host or prob.exact_flat:
+            break
+        # a 'pi_old' probability underflowed to 0: redo the call with the exact flat-group
+        # test (one more pass and host sync, only for such inputs)
+        prob.exact_flat = True
+        acc = _Accumulator(device, prob.cdt)
     out['n_valid'], out['delegate'] = n_host, bool(bad_host)
     # rows 1..7 of the sums -> the reference's diagnostics, in DIAGNOSTIC_KEYS order (Python
     # scale factors: a tensor of them would be a host-to-device copy)
@@ -681,5 +732,8 @@ class _FusedObjective(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
+        # scaled in place: the saved gradient is not needed afterwards, and a second backward
+        # through the same graph (retain_graph=True) fails autograd's version check on it
+        # instead of reusing a scaled tensor
         grad, = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None

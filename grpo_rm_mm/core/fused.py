@@ -125,6 +125,7 @@ class _Problem:
     group_size: int
     validated: bool
     chunk: int
+    diagnostics: bool = True       # compute the diagnostics (else only the loss)
     exact_flat: bool = False       # 'pi_old': flat groups tested over the weighted outputs
 
     @property
@@ -143,7 +144,8 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
                        clip_eps_low: float | None = None, clip_eps_high: float | None = None,
                        dual_clip_c: float = 3.0, group_size: int = 8,
                        generator: torch.Generator | None = None, validated: bool = False,
-                       chunk_size: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                       chunk_size: int | None = None,
+                       diagnostics: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO-RM loss and diagnostics of :func:`.grpo_rm_loss`, fused (see the module doc).
 
     Takes the reference's arguments, with two more forms and two more options:
@@ -155,6 +157,9 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
     * ``validated``: the labels were checked by an earlier call (inner steps on a cached
       batch): the label check is skipped (labels must then be classes or ignored).
     * ``chunk_size``: queries per chunk (default :func:`default_chunk_size`).
+    * ``diagnostics``: False skips the diagnostics' arithmetic (about a third of an inner
+      step's passes); the returned dict then holds ``grpo_queries`` only. Inner steps, whose
+      diagnostics nobody logs, pass False.
 
     Returns ``(loss, diagnostics)`` with the reference's keys and values; the loss is
     differentiable with respect to ``logits`` only (the other inputs are constants, as in the
@@ -195,7 +200,7 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
         beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=float(dual_clip_c),
         weighting=group_weighting, surrogate=surrogate, adv_std=adv_std,
         adv_eps=float(adv_eps), adv_scale=adv_scale, group_size=group_size,
-        validated=bool(validated),
+        validated=bool(validated), diagnostics=bool(diagnostics),
         chunk=chunk_size or default_chunk_size(logits.numel(), c))
     out: dict = {}
     state = generator.get_state() if generator is not None else None
@@ -590,8 +595,10 @@ def _chunk(prob: _Problem, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_
         w = None
     adv, expected = _advantages(prob, ws, acc, r, w)
     # sum_i p_old_i r_i (the diagnostic; 'pi_old' computed it for the advantages' mean)
-    reward_q = (torch.mul(p_old, r, out=tmp).sum(dim=1) if expected is None
-                else expected.squeeze(1))
+    reward_q = None
+    if prob.diagnostics:
+        reward_q = (torch.mul(p_old, r, out=tmp).sum(dim=1) if expected is None
+                    else expected.squeeze(1))
 
     # surrogate and g = kappa w d s / d log p (the closed form of the module doc); r is no
     # longer needed and holds g
@@ -625,7 +632,8 @@ def _chunk(prob: _Problem, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_
             below = torch.sub(floor, surr, out=no_floor).sign_().clamp_min_(0.0)
             active.sub_(below.mul_(active))
             surr = torch.maximum(surr, floor, out=surr)
-        clipped_count = c - active.sum(dim=1)
+        if prob.diagnostics:
+            clipped_count = c - active.sum(dim=1)
         g.mul_(k).mul_(active.mul_(inside))
     per_query = (surr.sum(dim=1) * (1.0 / c) if w is None
                  else torch.mul(w, surr, out=tmp).sum(dim=1))      # sum_i w_i s_i, (n, L)
@@ -644,6 +652,13 @@ def _chunk(prob: _Problem, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_
 
     # loss terms and diagnostics, summed over the counted queries
     loss_q = -per_query if kl is None or prob.beta == 0 else prob.beta * kl - per_query
+    acc.stats[0] += (loss_q * u_loss).sum()
+    if not prob.diagnostics:
+        # the loss sum still carries any non-finite input of a counted query to the check;
+        # pi_ref (when given) through the KL, computed above
+        if kl is not None:
+            acc.stats[4] += (kl * m).sum()
+        return
     zero = torch.zeros_like(m)
     rows = [
         reward_q,
@@ -654,7 +669,6 @@ def _chunk(prob: _Problem, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_
         torch.mul(p, logp, out=tmp).sum(dim=1).neg_(),
         (_first_argmax(logp, top, tmp) == ysafe).to(cdt),
     ]
-    acc.stats[0] += (loss_q * u_loss).sum()
     acc.stats[1:] += (torch.stack(rows) * m).sum(dim=(1, 2))
 
 
@@ -711,8 +725,9 @@ def _forward(prob: _Problem, generator: torch.Generator | None,
     # scale factors: a tensor of them would be a host-to-device copy)
     means = acc.stats * inv_n
     scale = (1.0, 1.0 / c, 1.0 / c, 1.0, 1.0, 1.0, 100.0)
-    out['diagnostics'] = {key: means[i + 1] * f
-                          for i, (key, f) in enumerate(zip(DIAGNOSTIC_KEYS, scale))}
+    out['diagnostics'] = ({key: means[i + 1] * f
+                           for i, (key, f) in enumerate(zip(DIAGNOSTIC_KEYS, scale))}
+                          if prob.diagnostics else {})
     out['diagnostics']['grpo_queries'] = torch.tensor(float(n_host))
     return means[0], grad
 

@@ -257,11 +257,15 @@ class GRPORMLoss(nn.Module):
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
                 avg_factor: float | None = None, ignore_index: int | None = None,
                 old_logits: Tensor | None = None, ref_logits: Tensor | None = None,
-                group_seed: int | None = None, validated: bool = False, **kwargs) -> Tensor:
+                group_seed: int | None = None, validated: bool = False,
+                diagnostics: bool = True, **kwargs) -> Tensor:
         """Scalar loss; see the class docstring for the shapes. ``group_seed``: reuse the
         draws of an earlier call ('sampled'; GRPO-RM heads pass it in inner steps).
         ``validated``: the labels were validated by an earlier call on the same batch (inner
-        steps on a cached batch): the fused implementation skips their check."""
+        steps on a cached batch): the fused implementation skips their check.
+        ``diagnostics``: False lets the fused implementation skip them (``last_diagnostics``
+        then holds ``grpo_queries`` and ``grpo_ignored_batches`` only); GRPO-RM heads pass
+        False in inner steps, whose diagnostics are not logged."""
         for key, value in kwargs.items():
             if key == 'reduction_override' and value not in (None, 'mean'):
                 raise ValueError(f'GRPORMLoss: reduction_override={value!r} is not supported; '
@@ -286,7 +290,8 @@ class GRPORMLoss(nn.Module):
             # the reward objects themselves: the registered ones carry unchecked kernels
             loss, diagnostics = grpo_rm_loss_fused(logits, labels, self.reward_fns,
                                                    validated=validated,
-                                                   chunk_size=self.chunk_size, **options)
+                                                   chunk_size=self.chunk_size,
+                                                   diagnostics=diagnostics, **options)
         else:
             loss, diagnostics = grpo_rm_loss(logits, labels, self._rewards, **options)
         if float(diagnostics['grpo_queries']) == 0:

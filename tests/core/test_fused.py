@@ -301,6 +301,9 @@ def test_errors_are_the_reference_errors(case: str) -> None:
     expected = _error(grpo_rm_loss, z, labels, rewards, **kwargs)
     assert expected.startswith('ValueError')
     assert _error(grpo_rm_loss_fused, z, labels, rewards, **kwargs) == expected
+    # without the diagnostics' arithmetic the loss sum alone carries the checks
+    assert _error(grpo_rm_loss_fused, z, labels, rewards, diagnostics=False,
+                  **kwargs) == expected
     # dense inputs flattened by the fused objective itself give the same message
     if case in ('label', 'nan_logits', 'inf_old', 'nan_weight'):
         dense = {k: (v.reshape(2, 3, 4).movedim(-1, 1) if torch.is_tensor(v) and v.ndim == 2
@@ -398,3 +401,23 @@ def test_backward_scales_the_saved_gradient_once() -> None:
     # autograd's version check instead of returning a rescaled gradient
     with pytest.raises(RuntimeError, match='modified by an inplace operation'):
         loss.backward()
+
+
+@pytest.mark.parametrize('weighting', WEIGHTINGS)
+@pytest.mark.parametrize('surrogate', SURROGATES)
+def test_without_diagnostics_the_loss_and_gradient_are_the_same(weighting: str,
+                                                                surrogate: str) -> None:
+    z, labels, old, ref, weight = make_inputs(5, 4, 6, (3, 5), D, 2.0, 0.5, 0.3, True, True)
+    grads, losses = [], []
+    for diagnostics in (True, False):
+        zz = z.clone().requires_grad_(True)
+        loss, diag = grpo_rm_loss_fused(
+            zz, labels, REWARD_SETS['acc+uni'], old_logits=old, ref_logits=ref, weight=weight,
+            beta=0.1, ignore_index=255, group_weighting=weighting, surrogate=surrogate,
+            generator=torch.Generator().manual_seed(0), validated=True,
+            diagnostics=diagnostics, chunk_size=7)
+        loss.backward()
+        grads.append(zz.grad)
+        losses.append(loss.detach())
+        assert set(diag) == ({'grpo_queries'} if not diagnostics else set(diag))
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])

@@ -36,16 +36,26 @@ def _pipeline_of(dataset: Mapping) -> list | None:
     return None
 
 
-def _with_pipeline(dataset: Mapping, pipeline: list) -> dict:
-    """A copy of a dataset config whose pipeline (every one, inside wrappers) is ``pipeline``."""
+#: Wrappers that resample one dataset (``dataset=``): the reference set is the dataset they draw
+#: from, each image once (a long-tailed training set is probed against the whole split).
+RESAMPLING_WRAPPERS = ('LongTailDataset', 'RepeatDataset', 'ClassBalancedDataset')
+
+
+def _reference_dataset(dataset: Mapping, pipeline: list) -> dict:
+    """A copy of a training dataset config without its resampling wrappers
+    (:data:`RESAMPLING_WRAPPERS`) whose pipeline, every one inside other wrappers, is
+    ``pipeline``."""
+    name = str(dataset.get('type', '')).rsplit('.', 1)[-1]
+    if name in RESAMPLING_WRAPPERS and isinstance(dataset.get('dataset'), Mapping):
+        return _reference_dataset(dataset['dataset'], pipeline)
     out = copy.deepcopy(dataset)
     inner = _inner_datasets(out)
     if 'pipeline' in out or not inner:
         out['pipeline'] = copy.deepcopy(pipeline)
     elif 'dataset' in out:
-        out['dataset'] = _with_pipeline(out['dataset'], pipeline)
+        out['dataset'] = _reference_dataset(out['dataset'], pipeline)
     else:
-        out['datasets'] = [_with_pipeline(d, pipeline) if isinstance(d, Mapping) else d
+        out['datasets'] = [_reference_dataset(d, pipeline) if isinstance(d, Mapping) else d
                            for d in out['datasets']]
     return out
 
@@ -55,9 +65,10 @@ def reference_dataloader_cfg(train_dataloader: Mapping, test_dataloader: Mapping
     test pipeline.
 
     It is ``test_dataloader`` (batch size, workers, collate function) with its dataset replaced
-    by the dataset of ``train_dataloader`` (split, subset ``indices``, wrappers), whose pipeline,
-    every one inside wrappers, is the test dataset's; the sampler does not shuffle, and workers
-    are not kept between the passes (the set is read once per evaluation).
+    by the dataset of ``train_dataloader`` (split, subset ``indices``, ``ConcatDataset`` parts)
+    without the wrappers that resample it (:data:`RESAMPLING_WRAPPERS`), and with the test
+    dataset's pipeline in place of every pipeline inside; the sampler does not shuffle, and
+    workers are not kept between the passes (the set is read once per evaluation).
 
     Args:
         train_dataloader: the ``train_dataloader`` config.
@@ -73,7 +84,7 @@ def reference_dataloader_cfg(train_dataloader: Mapping, test_dataloader: Mapping
                          'set as dataloader=dict(...)')
     loader = copy.deepcopy(dict(test_dataloader))
     sampler = loader.get('sampler') or dict(type='DefaultSampler')
-    loader.update(dataset=_with_pipeline(train_dataloader['dataset'], pipeline),
+    loader.update(dataset=_reference_dataset(train_dataloader['dataset'], pipeline),
                   sampler=dict(sampler, shuffle=False), persistent_workers=False)
     return loader
 
@@ -85,9 +96,10 @@ class RepresentationReferenceHook(Hook):
 
     The model runs in eval mode (``val_step``) over the reference dataloader on every rank (a
     distributed sampler splits it); each metric gathers the pieces itself. By default the
-    reference set is the training set with the test pipeline, derived from the runner's config
-    by :func:`reference_dataloader_cfg` (so an override of ``train_dataloader``, e.g. a subset
-    with ``indices``, applies to it too); ``dataloader`` replaces it. Representations are cached
+    reference set is the training set (each image once: no long-tail or repeat wrapper) with the
+    test pipeline, derived from the runner's config by :func:`reference_dataloader_cfg` (so an
+    override of ``train_dataloader``, e.g. a subset with ``indices``, applies to it too);
+    ``dataloader`` replaces it. Representations are cached
     per training iteration, so a test right after the last validation (or several test sets in
     ``tools/test_ood.py``) reuses them.
 

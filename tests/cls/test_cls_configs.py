@@ -125,15 +125,18 @@ def test_real_pipelines_give_224_px_inputs(name: str, tmp_path: Path) -> None:
 
 
 def test_reference_set_is_derived_from_the_training_set_with_the_test_pipeline() -> None:
-    """Wrappers keep their structure and split; every pipeline inside becomes the test one; the
-    test loader's batch settings, no shuffling, no kept workers."""
+    """The split and ConcatDataset parts stay, a resampling wrapper (long tail, repeat) goes:
+    every image once; every pipeline inside becomes the test one; the test loader's batch
+    settings, no shuffling, no kept workers."""
     test_pipeline = [dict(type='Resize', scale=8), dict(type='PackInputs')]
     part = dict(type='LocalCIFAR10', data_root='a', split='train',
                 pipeline=[dict(type='RandomFlip', prob=0.5), dict(type='PackInputs')])
     train = dict(batch_size=64, num_workers=2, persistent_workers=True,
                  sampler=dict(type='DefaultSampler', shuffle=True, seed=3),
                  dataset=dict(type='ConcatDataset', datasets=[
-                     dict(type='LongTailDataset', imbalance_ratio=10, dataset=part), part]))
+                     dict(type='LongTailDataset', imbalance_ratio=10, dataset=part),
+                     dict(type='mmpretrain.RepeatDataset', times=2, dataset=part),
+                     dict(type='KFoldDataset', fold=0, dataset=part)]))
     test = dict(batch_size=16, num_workers=1, persistent_workers=True,
                 sampler=dict(type='DefaultSampler', shuffle=False),
                 dataset=dict(type='LocalCIFAR10', data_root='a', split='test',
@@ -143,8 +146,8 @@ def test_reference_set_is_derived_from_the_training_set_with_the_test_pipeline()
     assert ref['sampler'] == dict(type='DefaultSampler', shuffle=False)
     inner = dict(part, pipeline=test_pipeline)
     assert ref['dataset'] == dict(type='ConcatDataset', datasets=[
-        dict(type='LongTailDataset', imbalance_ratio=10, dataset=inner), inner])
-    assert train['dataset']['datasets'][1]['pipeline'][0]['type'] == 'RandomFlip'  # a copy
+        inner, inner, dict(type='KFoldDataset', fold=0, dataset=inner)])
+    assert part['pipeline'][0]['type'] == 'RandomFlip'  # the train config is copied, not changed
     with pytest.raises(ValueError, match='no `pipeline`'):
         reference_dataloader_cfg(train, dict(test, dataset=dict(type='LocalCIFAR10')))
 

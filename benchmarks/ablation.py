@@ -2,9 +2,13 @@
 search for an out-of-distribution gain) against cross-entropy, with held-out selection, plus a
 long-tailed run.
 
-Setup (as ``convergence.py``): frozen ImageNet EfficientNet-Lite0 features of real
-Fashion-MNIST at 64 px, the demo's ``GRPORMClsHead`` (MLP 1280 -> 256 -> 10), batch 1024,
-Adam, trained with the registered head's ``loss()`` and the optimizer wrappers. Splits:
+Setup (shared with ``convergence.py``, which imports it from here): the models of
+``configs/demo/fashion_mnist_{grpo_rm,ce}.py`` (frozen ImageNet EfficientNet-Lite0, real
+Fashion-MNIST at 64 px, ``GRPORMClsHead`` MLP 1280 -> 256 -> 10) with the setting's loss options,
+inner steps and learning rate; the frozen backbone's features are computed once, through the
+model's ``FeatureCache`` (its own file under the data dir: the entries are computed in batches
+of 64 images of a fixed order, whatever other runs cached), and the head is trained on them
+with batch 1024, Adam, by the head's ``loss()`` and the config's optimizer wrapper. Splits:
 
 - train: the first ``--train-size`` images of a fixed permutation of the 60k training images;
 - val (selection only): the next ``--val-size`` images, and ``--ood-size`` of them under each
@@ -33,18 +37,32 @@ selected GRPO-RM setting vs uniform, many/medium/few-shot accuracy). Finished ru
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
+import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import common as c
 import numpy as np
 import torch
+from mmengine.config import Config
 from tqdm import tqdm
 
 UNI = 'UniformityReward'
+#: Reward sets by the names the command lines and tables use.
+REWARD_SETS: dict[str, list[dict]] = {
+    'acc': [dict(type='AccuracyReward', weight=1.0)],
+    'acc+uni': [dict(type='AccuracyReward', weight=1.0), dict(type=UNI, weight=1.0)],
+    'acc+conf': [dict(type='AccuracyReward', weight=1.0),
+                 dict(type='ConfidencePenaltyReward', weight=1.0)],
+}
+#: Under the data dir.
+FEATURE_FILE = 'features/lite0_64px_benchmarks.pt'
+OOD_SEVERITY = 3  # imagecorruptions severity of the corrupted sets
 
 
 @dataclass(frozen=True)
@@ -65,7 +83,7 @@ class Setting:
         return dict(self.loss)
 
     def reward_cfgs(self) -> list[dict]:
-        cfgs = [dict(r) for r in c.REWARD_SETS[self.rewards]]
+        cfgs = [dict(r) for r in REWARD_SETS[self.rewards]]
         for r in cfgs:
             if r['type'] == UNI:
                 r['weight'] = self.uni_weight
@@ -81,6 +99,12 @@ class Setting:
             f'{self.rewards} (uni {self.uni_weight:g})'
         return (f"{opts['group_weighting']}, {opts['surrogate']}, {rewards}, k={self.inner_steps}"
                 f", lr {self.lr:g}" + (f', {extra}' if extra else ''))
+
+    def config(self) -> Config:
+        """The demo config of the method with this setting's loss, inner steps and lr."""
+        loss = dict(self.loss_options, rewards=self.reward_cfgs()) if self.method == 'grpo' \
+            else None
+        return c.demo_config(c.CONFIGS[self.method], loss, self.inner_steps, self.lr)
 
 
 def grpo(name: str, stage: str, weighting: str, surrogate: str = 'clip', k: int = 1,
@@ -124,6 +148,12 @@ def settings(stages: list[str]) -> list[Setting]:
     return out
 
 
+def mlp() -> str:
+    """The demo head's MLP widths, e.g. ``1280->256->10``."""
+    head = c.demo_config(c.CONFIGS['ce']).model.head
+    return f'{head.in_channels}->{head.hidden_channels}->{head.num_classes}'
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +182,118 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def dataset(cfg: Config, test: bool, root: str | Path | None = None):
+    """The config's whole FashionMNIST train or test set, or that of the folder ``root``."""
+    from mmpretrain.registry import DATASETS
+
+    loader = cfg.test_dataloader if test else cfg.train_dataloader
+    ds_cfg = dict(copy.deepcopy(loader.dataset), indices=None, split='test' if test else 'train')
+    return DATASETS.build(ds_cfg if root is None else dict(ds_cfg, data_root=str(root)))
+
+
+def train_order() -> list[int]:
+    """A fixed permutation (seed 0) of the 60k training images; a train subset is its prefix."""
+    return torch.randperm(60000, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@torch.no_grad()
+def features(data_dir: Path, sets: dict[str, tuple[object, Sequence[int]]]
+             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (feats (n, C), labels (n,))}`` of ``{name: (dataset, indices)}``: the CE demo
+    model's data preprocessor and ``extract_feat`` in batches of 64, through its
+    ``FeatureCache`` in ``data_dir / FEATURE_FILE`` (only images not seen before run the
+    backbone)."""
+    from mmengine.dataset import pseudo_collate
+
+    cfg = c.demo_config(c.CONFIGS['ce'])
+    cfg.model.feature_cache = dict(file=str(data_dir / FEATURE_FILE))
+    model, out = c.build(cfg)[0].eval(), {}
+    for name, (ds, indices) in sets.items():
+        feats = [model.extract_feat(model.data_preprocessor(pseudo_collate(
+            [ds[i] for i in indices[s:s + 64]]), False)['inputs'])[-1]
+            for s in tqdm(range(0, len(indices), 64), desc=name, file=sys.stderr, leave=False)]
+        labels = torch.tensor([int(ds.get_data_info(i)['gt_label']) for i in indices])
+        out[name] = torch.cat(feats).float(), labels.long()
+    model.save_feature_cache()
+    return out
+
+
+def assert_same_head(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Both models' heads hold the same weights (a fair start)."""
+    sa, sb = a.head.mlp.state_dict(), b.head.mlp.state_dict()
+    if sa.keys() != sb.keys() or any(not torch.equal(sa[k], sb[k]) for k in sa):
+        raise AssertionError('the two heads do not start from the same weights')
+
+
+def head_train_step(model: torch.nn.Module, feats: torch.Tensor, samples: list, wrapper) -> dict:
+    """``BaseModel.train_step`` from the head on, for precomputed features: the head's ``loss``
+    in ``optim_context``, ``parse_losses``, ``update_params`` (with the wrapper's inner steps)."""
+    with wrapper.optim_context(model):
+        losses = model.head.loss((feats, ), samples)
+    parsed, log_vars = model.parse_losses(losses)
+    wrapper.update_params(parsed)
+    return log_vars
+
+
+@torch.no_grad()
+def head_outputs(model: torch.nn.Module, feats: torch.Tensor,
+                 chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, hidden)`` of the head for precomputed features (eval mode, restored after)."""
+    head, was = model.head, model.head.training
+    head.eval()
+    hidden = [head.pre_logits((feats[s:s + chunk], )) for s in range(0, len(feats), chunk)]
+    logits = torch.cat([head.mlp[-1](h) for h in hidden])
+    head.train(was)
+    return logits, torch.cat(hidden)
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).float().mean() * 100)
+
+
+@dataclass
+class Run:
+    """A run's ``(iteration, test top-1 %)`` curve, its training seconds without the
+    evaluations and the evaluations' seconds."""
+
+    name: str
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def train_head(model: torch.nn.Module, wrapper, x: torch.Tensor, y: torch.Tensor,
+               test_x: torch.Tensor, test_y: torch.Tensor, iters: int, batch_size: int,
+               seed: int, evaluate_at: Callable[[int], bool] = lambda it: False,
+               name: str = '', progress: bool = True) -> Run:
+    """``iters`` iterations of :func:`head_train_step` on full batches cut from seeded epoch
+    permutations of ``x``; test top-1 at iteration 0, where ``evaluate_at(iteration)`` and at
+    the end."""
+    from mmpretrain.structures import DataSample
+
+    samples, run = [DataSample().set_gt_label(int(v)) for v in y], Run(name)
+    gen, order = torch.Generator().manual_seed(seed), torch.zeros(0, dtype=torch.long)
+
+    def evaluate(it: int) -> None:
+        t = time.perf_counter()
+        run.curve.append((it, top1(head_outputs(model, test_x)[0], test_y)))
+        run.eval_seconds += time.perf_counter() - t
+
+    evaluate(0)
+    model.train()
+    t0 = time.perf_counter()
+    for it in tqdm(range(1, iters + 1), desc=name, file=sys.stderr, disable=not progress,
+                   leave=False):
+        while len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(x), generator=gen)])
+        idx, order = order[:batch_size], order[batch_size:]
+        head_train_step(model, x[idx], [samples[i] for i in idx], wrapper)
+        if it == iters or evaluate_at(it):
+            evaluate(it)
+    run.seconds = time.perf_counter() - t0 - run.eval_seconds
+    return run
+
+
 @dataclass
 class Data:
     train: tuple[torch.Tensor, torch.Tensor]
@@ -159,14 +301,33 @@ class Data:
     test: tuple[torch.Tensor, torch.Tensor]
     val_ood: dict[str, tuple[torch.Tensor, torch.Tensor]]
     test_ood: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
 
 
-def load(args: argparse.Namespace, demo: c.Demo) -> Data:
-    x, y = c.cached_features(demo, False, args.train_size + args.val_size)
-    n = args.train_size
-    return Data(train=(x[:n], y[:n]), val=(x[n:], y[n:]), test=c.cached_features(demo, True),
-                val_ood=c.ood_features(demo, 'val', args.ood_size, val_offset=n),
-                test_ood=c.ood_features(demo, 'test', args.ood_size))
+def load(args: argparse.Namespace, data_dir: Path) -> Data:
+    """Features of the splits. val-OOD: the val images under the corruptions with another noise
+    seed; test-OOD: the demo's corrupted test sets (the first ``--ood-size`` test images)."""
+    from tools.dataset_converters.fashion_mnist import prepare_fashion_mnist_corruptions
+
+    cfg, order, n = c.demo_config(c.CONFIGS['ce']), train_order(), args.train_size
+    opts = dict(corruptions=cfg.ood_corruptions, severity=OOD_SEVERITY,
+                  clean_root=data_dir / 'fashion_mnist')
+    folders = {'val': prepare_fashion_mnist_corruptions(
+        data_dir / 'fashion_mnist_val_c', seed=1, train_indices=order[n:n + args.ood_size],
+        **opts), 'test': prepare_fashion_mnist_corruptions(
+        data_dir / 'fashion_mnist_c', limit=args.ood_size, **opts)}
+    sets = {'train': (dataset(cfg, False), order[:n + args.val_size]),
+            'test': (dataset(cfg, True), list(range(10000)))}
+    for split, named in folders.items():
+        for name, root in named.items():
+            ds = dataset(cfg, True, root)
+            sets[f'{split} {name}'] = (ds, list(range(len(ds))))
+    f = features(data_dir, sets)
+    x, y = f['train']
+    return Data(train=(x[:n], y[:n]), val=(x[n:], y[n:]), test=f['test'],
+                val_ood={k: f[f'val {k}'] for k in folders['val']},
+                test_ood={k: f[f'test {k}'] for k in folders['test']},
+                num_classes=cfg.model.head.num_classes)
 
 
 @dataclass
@@ -223,14 +384,14 @@ def probe_metrics(model: torch.nn.Module, data: Data, ref: int) -> dict[str, flo
     """kNN and SR top-1 on the head's hidden layer, test and test-OOD average."""
     from grpo_rm_mm.evaluation.representation import fit_softmax_regression, knn_predict
 
-    _, h_ref = c.head_outputs(model, data.train[0][:ref])
+    _, h_ref = head_outputs(model, data.train[0][:ref])
     y_ref = data.train[1][:ref]
     scaler, clf = fit_softmax_regression(h_ref.numpy(), y_ref.numpy())
     out: dict[str, float] = {}
     sets = {'test': data.test} | {f'ood/{k}': v for k, v in data.test_ood.items()}
     for name, (x, y) in sets.items():
-        _, h = c.head_outputs(model, x)
-        knn = knn_predict(h_ref, y_ref, h, num_classes=c.NUM_CLASSES)
+        _, h = head_outputs(model, x)
+        knn = knn_predict(h_ref, y_ref, h, num_classes=data.num_classes)
         sr = clf.predict(scaler.transform(h.numpy().astype(np.float64)))
         out[f'knn {name}'] = float((knn == y).float().mean() * 100)
         out[f'sr {name}'] = float((torch.from_numpy(sr) == y).float().mean() * 100)
@@ -241,30 +402,29 @@ def probe_metrics(model: torch.nn.Module, data: Data, ref: int) -> dict[str, flo
 
 
 def head_metrics(model: torch.nn.Module, data: Data) -> dict[str, float]:
-    out = {'val': c.top1(c.head_outputs(model, data.val[0])[0], data.val[1]),
-           'test': c.top1(c.head_outputs(model, data.test[0])[0], data.test[1])}
+    out = {'val': top1(head_outputs(model, data.val[0])[0], data.val[1]),
+           'test': top1(head_outputs(model, data.test[0])[0], data.test[1])}
     for split, sets in (('val', data.val_ood), ('test', data.test_ood)):
-        accs = {k: c.top1(c.head_outputs(model, x)[0], y) for k, (x, y) in sets.items()}
+        accs = {k: top1(head_outputs(model, x)[0], y) for k, (x, y) in sets.items()}
         out.update({f'{split} ood/{k}': v for k, v in accs.items()})
         out[f'{split}-ood'] = statistics.fmean(accs.values())
     return out
 
 
-def train(s: Setting, demo: c.Demo, x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor,
+def train(s: Setting, x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor,
           eval_y: torch.Tensor, iters: int, batch_size: int, seed: int):
-    model = c.build_model(s.method, demo.checkpoint, s.reward_cfgs(), seed, s.loss_options)
-    wrapper = c.build_wrapper(model, s.method, s.inner_steps, s.lr)
-    run = c.train_head(model, wrapper, x, y, eval_x, eval_y, iters, batch_size, seed,
-                       name=s.name, progress=False)
+    model, wrapper = c.build(s.config(), seed)
+    run = train_head(model, wrapper, x, y, eval_x, eval_y, iters, batch_size, seed,
+                     name=s.name, progress=False)
     return model, run
 
 
-def long_tail(args: argparse.Namespace, demo: c.Demo, data: Data, chosen: Setting,
+def long_tail(args: argparse.Namespace, data: Data, chosen: Setting,
               baseline: Setting) -> None:
     from grpo_rm_mm.datasets.long_tail import LongTailDataset
 
     class Labels:  # the training features' labels, as LongTailDataset reads a dataset
-        metainfo = {'classes': tuple(str(i) for i in range(c.NUM_CLASSES))}
+        metainfo = {'classes': tuple(str(i) for i in range(data.num_classes))}
 
         def get_gt_labels(self) -> np.ndarray:
             return data.train[1].numpy()
@@ -279,7 +439,7 @@ def long_tail(args: argparse.Namespace, demo: c.Demo, data: Data, chosen: Settin
     print(f'\n### Long-tailed training set (LongTailDataset, imbalance ratio 100, head class '
           f'1000): {len(idx)} images, per-class counts {lt.class_counts}; '
           f'{args.lt_iters} iterations of batch {args.lt_batch_size}; balanced 10k test set\n')
-    ref = Setting('GRPO-RM uniform k=1', 'longtail')
+    ref = grpo('GRPO-RM uniform k=1', 'longtail', 'uniform')
     rows = [baseline, chosen] + ([ref] if chosen.loss_options.get('group_weighting')
                                  != 'uniform' else [])
     print('| method | setting | many-shot | medium-shot | few-shot | all | test-OOD avg |')
@@ -287,16 +447,16 @@ def long_tail(args: argparse.Namespace, demo: c.Demo, data: Data, chosen: Settin
     for s in rows:
         cell = Cell()
         for seed in args.seeds:
-            model, _ = train(s, demo, x, y, data.val[0], data.val[1], args.lt_iters,
+            model, _ = train(s, x, y, data.val[0], data.val[1], args.lt_iters,
                              args.lt_batch_size, seed)
-            pred = c.head_outputs(model, data.test[0])[0].argmax(1)
+            pred = head_outputs(model, data.test[0])[0].argmax(1)
             ty = data.test[1]
             m = {'all': float((pred == ty).float().mean() * 100)}
             for g, classes in groups.items():
                 sel = torch.isin(ty, torch.from_numpy(classes))
                 m[g] = float((pred[sel] == ty[sel]).float().mean() * 100) if sel.any() else \
                     float('nan')
-            m['ood'] = statistics.fmean(c.top1(c.head_outputs(model, ox)[0], oy)
+            m['ood'] = statistics.fmean(top1(head_outputs(model, ox)[0], oy)
                                         for ox, oy in data.test_ood.values())
             cell.add(m)
         label = 'CE' if s.method == 'ce' else 'GRPO-RM'
@@ -311,14 +471,13 @@ def main() -> None:
         t_start = time.perf_counter()
         c.print_header('ablation: GRPO-RM group weighting x surrogate x rewards x inner steps, '
                        'OOD search, long tail; CE baseline; held-out selection')
-        demo = c.prepare_demo(args.data_dir)
-        data = load(args, demo)
+        data = load(args, c.prepare_demo(args.data_dir))
         print(f'# data: Fashion-MNIST 64 px, frozen ImageNet EfficientNet-Lite0 features; '
               f'train {len(data.train[0])}, val {len(data.val[0])} (+ {args.ood_size} x '
               f'{len(data.val_ood)} corrupted), test {len(data.test[0])} (+ {args.ood_size} x '
-              f'{len(data.test_ood)} corrupted: {", ".join(c.CORRUPTIONS)}, severity '
-              f'{c.OOD_SEVERITY})')
-        print(f'# every run: MLP {c.IN_CHANNELS}->{c.HIDDEN_CHANNELS}->{c.NUM_CLASSES}, '
+              f'{len(data.test_ood)} corrupted: {", ".join(data.test_ood)}, severity '
+              f'{OOD_SEVERITY})')
+        print(f'# every run: MLP {mlp()}, '
               f'{args.iters} iterations of batch {args.batch_size}, Adam; seeds {args.seeds}; '
               f'GRPORMLoss defaults unless listed (clip eps 0.2, beta 0, population std)')
         grid = [s for s in settings(args.stages)
@@ -326,11 +485,13 @@ def main() -> None:
         cells = {s.name: Cell() for s in grid}
         store = RunStore(args.runs_file, args)
         bar = tqdm(total=len(grid) * len(args.seeds), desc='runs', unit='run')
+        reused = 0
         for s in grid:
             for seed in args.seeds:
                 metrics = store.get(s, seed)
+                reused += metrics is not None
                 if metrics is None:
-                    model, run = train(s, demo, *data.train, *data.val, args.iters,
+                    model, run = train(s, *data.train, *data.val, args.iters,
                                        args.batch_size, seed)
                     metrics = head_metrics(model, data) | probe_metrics(model, data,
                                                                         args.probe_ref)
@@ -341,6 +502,8 @@ def main() -> None:
                 bar.set_postfix_str(f'{s.name} seed {seed}: val {metrics["val"]:.2f}')
                 bar.update()
         bar.close()
+        print(f'# {reused} of {len(grid) * len(args.seeds)} runs reused from {args.runs_file} '
+              f'(their s / run are those of the run that made them)')
 
         ce_settings = [s for s in grid if s.method == 'ce']
         baseline = max(ce_settings, key=lambda s: cells[s.name].mean('val'))
@@ -390,7 +553,7 @@ def main() -> None:
                      cells[s.name].mean('val-ood') > cells[baseline.name].mean('val-ood')]
             print(f'GRPO-RM settings above CE on val-OOD: {beats or "none"}')
         if 'longtail' in args.stages and chosen is not None:
-            long_tail(args, demo, data, chosen, baseline)
+            long_tail(args, data, chosen, baseline)
         print(f'# total {time.perf_counter() - t_start:.0f} s')
 
 

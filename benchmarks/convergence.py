@@ -1,12 +1,12 @@
 """Convergence of GRPO-RM vs cross-entropy heads on frozen features.
 
-Both heads are the identical ``GRPORMClsHead`` MLP (1280 -> 256 -> 10) of the demo model, from
-the same initial weights, trained on the same batch sequence (batch 1024, Adam lr 1e-3) from
-features of the real frozen ImageNet EfficientNet-Lite0 on real Fashion-MNIST at 64 px (a fixed
-train subset; the full 10k test set). Training runs the registered head's ``loss()`` through
-the optimizer wrappers (``GRPOOptimWrapper`` / ``OptimWrapper``). GRPO-RM runs: the paper's
-uniform group weighting with each ``--inner-steps``, and the project default (the objective and
-inner steps of the demo config). Test top-1 is recorded every
+The models of ``configs/demo/fashion_mnist_{ce,grpo_rm}.py`` (the identical ``GRPORMClsHead``
+MLP 1280 -> 256 -> 10, from the same initial weights), trained on the same batch sequence (batch
+1024, Adam lr 1e-3) on the frozen features of the real ImageNet EfficientNet-Lite0 on real
+Fashion-MNIST at 64 px (a fixed train subset; the full 10k test set), as ``ablation.py`` sets
+them up: the head's ``loss()`` and the config's optimizer wrapper. GRPO-RM runs: the paper's
+uniform group weighting with each ``--inner-steps``, and the project default (the GRPO-RM
+config itself, or ``--config``). Test top-1 is recorded every
 ``--eval-every`` iterations; the script prints the iterations each method needs to reach the
 CE run's final test accuracy (and fractions of it) and plots both curves.
 
@@ -19,6 +19,7 @@ import csv
 import time
 from pathlib import Path
 
+import ablation as a
 import common as c
 
 
@@ -37,20 +38,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--train-size', type=int, default=20000,
                         help='first N images of a fixed permutation of the 60k train set')
     parser.add_argument('--seed', type=int, default=0, help='head init and batch order')
-    parser.add_argument('--rewards', choices=sorted(c.REWARD_SETS), default=c.DEFAULT_REWARDS)
+    parser.add_argument('--rewards', choices=sorted(a.REWARD_SETS), default='acc+uni')
     parser.add_argument('--inner-steps', type=int, nargs='+', default=[1, 4],
                         help="one GRPO-RM run with the paper's uniform group weighting per "
                         'value (default: %(default)s)')
-    parser.add_argument('--config', default='configs/demo/fashion_mnist_grpo_rm.py',
-                        help="also run the GRPO-RM objective and inner_steps of this config's "
-                        'head loss and optimizer wrapper (the project default; "" to skip)')
+    parser.add_argument('--config', default=c.CONFIGS['grpo'],
+                        help='also run this GRPO-RM config (its loss and inner steps; the '
+                        'project default; "" to skip)')
     parser.add_argument('--fractions', type=float, nargs='+',
                         default=[0.8, 0.9, 0.95, 0.99, 1.0],
                         help='targets as fractions of the CE run\'s final test top-1')
     return parser.parse_args()
 
 
-def plot(runs: list[c.Run], target: float, path: Path, title: str, xlabel: str) -> None:
+def first_reaching(run: a.Run, target: float) -> int | None:
+    """First evaluated iteration whose test top-1 is >= ``target``."""
+    return next((it for it, acc in run.curve if acc >= target), None)
+
+
+def plot(runs: list[a.Run], target: float, path: Path, title: str, xlabel: str) -> None:
     """Test top-1 against iterations, with the CE final accuracy as a dashed line."""
     import matplotlib
     matplotlib.use('Agg')
@@ -77,57 +83,51 @@ def plot(runs: list[c.Run], target: float, path: Path, title: str, xlabel: str) 
     plt.close(fig)
 
 
-def config_objective(path: str) -> tuple[dict, int]:
-    """The objective options of a config's GRPORMLoss (other than its rewards, clip_eps and
-    beta, which the runs here share) and its optimizer wrapper's ``inner_steps``."""
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(path)
-    loss = dict(cfg.model.head.loss)
-    options = {k: v for k, v in loss.items()
-               if k not in ('type', 'rewards', 'clip_eps', 'beta')}
-    return options, int(cfg.optim_wrapper.get('inner_steps', 1))
-
-
 def main() -> None:
     args = parse_args()
     c.setup(args.threads)
     with c.tee_stdout(args.out):
         t_start = time.perf_counter()
         c.print_header('convergence, GRPO-RM vs CE heads on frozen features')
-        demo = c.prepare_demo(args.data_dir)
-        train_x, train_y = c.cached_features(demo, False, args.train_size)
-        test_x, test_y = c.cached_features(demo, True)
+        data_dir = c.prepare_demo(args.data_dir)
+        cfg = c.demo_config(c.CONFIGS['ce'])
+        feats = a.features(data_dir, {
+            'train': (a.dataset(cfg, False), a.train_order()[:args.train_size]),
+            'test': (a.dataset(cfg, True), list(range(10000)))})
+        (train_x, train_y), (test_x, test_y) = feats['train'], feats['test']
         print(f'# data: Fashion-MNIST, {len(train_x)} train / {len(test_x)} test images, 64 px, '
               f'features of the frozen ImageNet EfficientNet-Lite0 ({train_x.shape[1]}-d)')
-        print(f'# training: MLP {c.IN_CHANNELS}->{c.HIDDEN_CHANNELS}->{c.NUM_CLASSES}, '
+        print(f'# training: MLP {a.mlp()}, '
               f'{args.iters} iterations of batch {args.batch_size} '
               f'({args.iters * args.batch_size / len(train_x):.1f} epochs), Adam lr {args.lr}, '
               f'seed {args.seed}; GRPO-RM rewards {args.rewards}, inner_steps '
               f'{" and ".join(map(str, args.inner_steps))}; test top-1 after every iteration '
               f'up to {args.dense_until}, then every {args.eval_every}')
-        uniform = dict(group_weighting='uniform')
-        specs = [('CE', 'ce', 1, {})] + [
-            (f'GRPO-RM uniform ({args.rewards}, inner_steps={k})', 'grpo', k, uniform)
-            for k in args.inner_steps]
+        rewards = dict(rewards=a.REWARD_SETS[args.rewards])
+        configs = {'CE': c.demo_config(c.CONFIGS['ce'], lr=args.lr)} | {
+            f'GRPO-RM uniform ({args.rewards}, inner_steps={k})': c.demo_config(
+                c.CONFIGS['grpo'], dict(rewards, group_weighting='uniform', surrogate='clip'),
+                k, args.lr) for k in args.inner_steps}
         if args.config:
-            options, k = config_objective(args.config)
+            cfg = c.demo_config(args.config, rewards, lr=args.lr)
+            options = {k: v for k, v in cfg.model.head.loss.items()
+                       if k not in ('type', 'rewards', 'clip_eps', 'beta')}
+            k = cfg.optim_wrapper.get('inner_steps', 1)
             print(f'# {args.config}: GRPORMLoss options {options}, inner_steps={k}')
             label = ', '.join(f'{v}' for v in options.values())
-            specs.append((f'GRPO-RM default: {label} ({args.rewards}, inner_steps={k})', 'grpo',
-                          k, options))
-        models = {name: c.build_model(m, demo.checkpoint, args.rewards, args.seed, opts)
-                  for name, m, _, opts in specs}
-        for model in models.values():
-            c.assert_same_head(models['CE'], model)
-        runs = []
-        for name, method, k, _ in specs:
-            wrapper = c.build_wrapper(models[name], method, k, args.lr)
-            runs.append(c.train_head(models[name], wrapper, train_x, train_y, test_x, test_y,
-                                     args.iters, args.batch_size, args.seed, args.eval_every,
-                                     args.dense_until, name))
+            configs[f'GRPO-RM default: {label} ({args.rewards}, inner_steps={k})'] = cfg
+        built = {name: c.build(cfg, args.seed) for name, cfg in configs.items()}
+        for model, _ in built.values():
+            a.assert_same_head(built['CE'][0], model)
+
+        def evaluate_at(it: int) -> bool:
+            return it <= args.dense_until or bool(args.eval_every and it % args.eval_every == 0)
+
+        runs = [a.train_head(model, wrapper, train_x, train_y, test_x, test_y, args.iters,
+                             args.batch_size, args.seed, evaluate_at, name)
+                for name, (model, wrapper) in built.items()]
         ce = runs[0]
-        target = ce.final
+        target = ce.curve[-1][1]
 
         print(f'\nCE final test top-1 (iteration {args.iters}): {target:.2f}%')
         print('\n| method | final top-1 % | best top-1 % (iteration) | '
@@ -139,9 +139,9 @@ def main() -> None:
             best_it, best = max(run.curve, key=lambda p: (p[1], -p[0]))
             reach = []
             for f in args.fractions:
-                it = run.first_reaching(f * target)
+                it = first_reaching(run, f * target)
                 reach.append('not reached' if it is None else str(it))
-            print(f'| {run.name} | {run.final:.2f} | {best:.2f} ({best_it}) | '
+            print(f'| {run.name} | {run.curve[-1][1]:.2f} | {best:.2f} ({best_it}) | '
                   + ' | '.join(reach)
                   + f' | {run.seconds:.1f} | {run.seconds / args.iters * 1e3:.1f} | '
                     f'{run.eval_seconds:.1f} |')
@@ -150,16 +150,16 @@ def main() -> None:
               f'exclude these test evaluations, eval s is their time)')
         for run in runs[1:]:
             for f in args.fractions:
-                a, b = ce.first_reaching(f * target), run.first_reaching(f * target)
-                if a and b:
-                    print(f'{run.name} / CE iterations to {f:g} x CE final: {b}/{a} = '
-                          f'{b / a:.2f}')
+                it_ce, it = first_reaching(ce, f * target), first_reaching(run, f * target)
+                if it_ce and it:
+                    print(f'{run.name} / CE iterations to {f:g} x CE final: {it}/{it_ce} = '
+                          f'{it / it_ce:.2f}')
 
         plot_path = Path(args.plot)
         plot(runs, target, plot_path,
              f'Fashion-MNIST 64 px ({len(train_x)} train / {len(test_x)} test), frozen '
-             f'EfficientNet-Lite0 features\nMLP head {c.IN_CHANNELS}-{c.HIDDEN_CHANNELS}-'
-             f'{c.NUM_CLASSES}, batch {args.batch_size}, Adam {args.lr:g}, seed {args.seed}',
+             f'EfficientNet-Lite0 features\nMLP head {a.mlp().replace("->", "-")}, batch '
+             f'{args.batch_size}, Adam {args.lr:g}, seed {args.seed}',
              f'iteration (batch {args.batch_size})')
         csv_path = plot_path.with_suffix('.csv')
         with open(csv_path, 'w', newline='') as f:

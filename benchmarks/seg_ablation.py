@@ -4,7 +4,7 @@ The segmentation task of ``tools/demo.py`` (real Fashion-MNIST items composited 
 canvases, written as a Pascal VOC folder; frozen ImageNet EfficientNet-Lite0 stride 4/8/16
 features; ``GRPORMSegHead`` 176 -> 64 -> 11; Adam 1e-2, 200 iterations of batch 32), trained
 with ``tools/train.py`` and scored with ``tools/test.py`` for every candidate objective and
-seed. Two data splits:
+seed (the metrics are read from the test run's metrics file). Two data splits:
 
 - ``select``: canvases drawn with another seed (``prepare_fashion_voc(seed=1)``), used to choose
   the segmentation default;
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -64,16 +63,17 @@ def parse_args() -> argparse.Namespace:
 
 def prepare(data_dir: Path, split: str) -> Path:
     """The VOC2012 folder of the split (prepared idempotently)."""
-    from tools.dataset_converters import fashion_mnist as demo_data
-    from tools.dataset_converters import fashion_voc as demo_seg
-    fashion = demo_data.prepare_fashion_mnist(data_dir / 'fashion_mnist')
+    from tools.dataset_converters.fashion_voc import prepare_fashion_voc
+
     name, seed = ('fashion_voc', 0) if split == 'test' else ('fashion_voc_select', 1)
-    return demo_seg.prepare_fashion_voc(data_dir / name, fashion, n_train=1000, n_val=200,
-                                        seed=seed)
+    return prepare_fashion_voc(data_dir / name, c.prepare_demo(data_dir) / 'fashion_mnist',
+                               n_train=1000, n_val=200, seed=seed)
 
 
 def run_one(config: str, options: list[str], voc: Path, seed: int, iters: int, work: Path,
-            env: dict[str, str]) -> dict[str, float]:
+            env: dict[str, str]) -> tuple[dict[str, float], bool]:
+    """Train and test one run; ``(metrics, reused)``: a finished run of the same command in
+    ``work`` is reused."""
     opts = [f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
             f'param_scheduler.0.end={iters}', f'default_hooks.checkpoint.interval={iters}',
             f'randomness.seed={seed}', *options]
@@ -82,7 +82,7 @@ def run_one(config: str, options: list[str], voc: Path, seed: int, iters: int, w
     work.mkdir(parents=True, exist_ok=True)
     done = work / 'options.json'
     if done.is_file() and json.loads(done.read_text()) == [config, *opts]:
-        return _metrics(work / 'test.log')  # a finished run with the same command: reused
+        return _metrics(work / 'test'), True
     py = sys.executable
     for cmd, log in (([py, 'tools/train.py', config, '--work-dir', str(work),
                        '--cfg-options', *opts], work / 'train.log'),
@@ -93,20 +93,22 @@ def run_one(config: str, options: list[str], voc: Path, seed: int, iters: int, w
             proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode:
             sys.exit(f'failed ({proc.returncode}): {" ".join(cmd)}\n{log.read_text()[-3000:]}')
-    metrics = _metrics(work / 'test.log')
+    metrics = _metrics(work / 'test')
     done.write_text(json.dumps([config, *opts]))
-    return metrics
+    return metrics, False
 
 
-def _metrics(log: Path) -> dict[str, float]:
-    """aAcc / mIoU / mAcc of the last ``Iter(test)`` line of a ``tools/test.py`` log."""
-    line = [ln for ln in log.read_text().splitlines() if 'Iter(test)' in ln and 'mIoU' in ln][-1]
-    return {m: float(re.search(rf'{m}: ([\d.]+)', line).group(1)) for m in METRICS}
+def _metrics(test_dir: Path) -> dict[str, float]:
+    """aAcc / mIoU / mAcc of the latest ``tools/test.py`` run in ``test_dir``: its metrics file
+    ``<timestamp>/<timestamp>.json`` (mmseg's IoUMetric rounds them to 2 decimals; the file
+    holds them as float32, so they are rounded back)."""
+    run = sorted(d for d in test_dir.iterdir() if (d / f'{d.name}.json').is_file())[-1]
+    metrics = json.loads((run / f'{run.name}.json').read_text())
+    return {m: round(float(metrics[m]), 2) for m in METRICS}
 
 
 def fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    mean, std = c.mean_std(values)
     return f'{mean:.2f} ± {std:.2f}'
 
 
@@ -121,7 +123,6 @@ def main() -> None:
         t0 = time.perf_counter()
         c.print_header(f'segmentation demo ablation, split {args.split!r}')
         voc = prepare(data_dir, args.split)
-        c.prepare_demo(data_dir)
         print(f'# data: {c.relative(voc)} (1000 train / 200 val canvases); {args.iters} '
               f'iterations of batch 32; seeds {args.seeds}')
         results: dict[str, list[dict[str, float]]] = {}
@@ -129,9 +130,10 @@ def main() -> None:
             config, options = CANDIDATES[name]
             for seed in args.seeds:
                 work = Path(args.work_dir) / args.split / name / f'seed{seed}'
-                m = run_one(config, options, voc, seed, args.iters, work, env)
+                m, reused = run_one(config, options, voc, seed, args.iters, work, env)
                 results.setdefault(name, []).append(m)
-                print(f'# {name} seed {seed}: ' + ', '.join(f'{k} {v:.2f}' for k, v in m.items()),
+                print(f'# {name} seed {seed}: ' + ', '.join(f'{k} {v:.2f}' for k, v in m.items())
+                      + (' (finished run reused)' if reused else ''),
                       flush=True)
         print(f'\n### {args.split} split: mean ± std over seeds {args.seeds}\n')
         print('| candidate | cfg-options | mIoU | aAcc | mAcc | mIoU - CE |')

@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
+import ablation
 import common as c
 import torch
+from mmengine.dataset import pseudo_collate
 
 TARGET = 1.03  # issue 6: GRPO-RM (inner_steps=1) / CE full-step time
 
@@ -53,7 +56,7 @@ SEG_CONFIGS = {'CE': 'configs/demo/fashion_voc_ce.py',
                'GRPO-RM': 'configs/demo/fashion_voc_grpo_rm.py'}
 
 
-def seg_head_steps(demo: c.Demo, batch_size: int, seed: int) -> dict:
+def seg_head_steps(data_dir: Path, batch_size: int, seed: int) -> dict:
     """``{name: step function}`` of the demo segmentation models' head-only training step on
     the frozen backbone's features of one real batch, and a description of the batch."""
     from mmengine.config import Config
@@ -64,9 +67,9 @@ def seg_head_steps(demo: c.Demo, batch_size: int, seed: int) -> dict:
 
     from tools.dataset_converters.fashion_voc import prepare_fashion_voc
 
-    voc = prepare_fashion_voc(demo.data_dir / 'fashion_voc_step_time', demo.fashion_mnist,
+    voc = prepare_fashion_voc(data_dir / 'fashion_voc_step_time', data_dir / 'fashion_mnist',
                               n_train=batch_size, n_val=1)
-    os.environ['GRPO_RM_DEMO_DATA'] = str(demo.data_dir)  # the configs' weights path
+    os.environ['GRPO_RM_DEMO_DATA'] = str(data_dir)  # the configs' weights path
     models, wrappers = {}, {}
     with DefaultScope.overwrite_default_scope('mmseg'):
         for name, path in SEG_CONFIGS.items():
@@ -139,19 +142,21 @@ def main() -> None:
     with c.tee_stdout(args.out):
         t_start = time.perf_counter()
         c.print_header('train-step time, GRPO-RM / CE (issue 6, benchmark 1)')
-        demo = c.prepare_demo(args.data_dir)
-        data = c.image_batch(demo, args.batch_size)
+        data_dir = c.prepare_demo(args.data_dir)
+        ds = ablation.dataset(c.demo_config(c.CONFIGS['ce']), False)
+        data = pseudo_collate([ds[i] for i in ablation.train_order()[:args.batch_size]])
         methods = [('CE', 'ce', 1)] + [(f'GRPO-RM k={k}', 'grpo', k) for k in args.inner_steps]
         models, wrappers, counters = {}, {}, {}
         for name, method, k in methods:
-            models[name] = c.build_model(method, demo.checkpoint, seed=args.seed)
+            models[name], wrappers[name] = c.build(
+                c.demo_config(c.CONFIGS[method], inner_steps=k, lr=args.lr), args.seed)
             models[name].train()
-            wrappers[name] = c.build_wrapper(models[name], method, k, args.lr)
             counters[name] = ForwardCounter(models[name].backbone)
         for name in models:
-            c.assert_same_head(models['CE'], models[name])
-        print(f'# batch: {args.batch_size} real Fashion-MNIST train images, 3x{c.IMG_SIZE}x'
-              f'{c.IMG_SIZE} after Resize + GrayToRGB; Adam lr {args.lr}; '
+            ablation.assert_same_head(models['CE'], models[name])
+        print(f'# batch: {args.batch_size} real Fashion-MNIST train images, '
+              f'{"x".join(map(str, data["inputs"][0].shape))} after Resize + GrayToRGB; Adam lr '
+              f'{args.lr}; '
               f'{sum(p.numel() for p in models["CE"].head.parameters())} trainable head '
               f'parameters, {sum(p.numel() for p in models["CE"].backbone.parameters())} frozen '
               f'backbone parameters')
@@ -166,9 +171,9 @@ def main() -> None:
             return lambda: models[name].train_step(data, wrappers[name])
 
         def head(name: str):
-            return lambda: c.head_train_step(models[name], feats, samples, wrappers[name])
+            return lambda: ablation.head_train_step(models[name], feats, samples, wrappers[name])
 
-        probe = c.build_model('ce', demo.checkpoint, seed=args.seed)  # uncounted backbone
+        probe = c.build(c.demo_config(c.CONFIGS['ce']), args.seed)[0]  # uncounted backbone
         probe.train()
 
         def backbone_only() -> None:
@@ -189,10 +194,10 @@ def main() -> None:
         head_fwd = {name: f'{counters[name].calls / (args.warmup + args.head_reps):g}'
                     for name in models}
 
-        def wrapper_name(method: str, k: int) -> str:
-            return f'GRPOOptimWrapper(inner_steps={k})' if method == 'grpo' else 'OptimWrapper'
+        def wrapper_name(name: str) -> str:
+            return f'{type(wrappers[name]).__name__}(inner_steps={wrappers[name].inner_steps})'
 
-        rows = [(name, wrapper_name(m, k), full_t[name], fwd[name]) for name, m, k in methods]
+        rows = [(name, wrapper_name(name), full_t[name], fwd[name]) for name, _, _ in methods]
         rows.append(('frozen backbone only (preprocess + forward, no_grad)', '-',
                      full_t['backbone only'], '1'))
         table(f'Full step: model.train_step(data, optim_wrapper), batch {args.batch_size}, '
@@ -200,8 +205,8 @@ def main() -> None:
         table(f'Head-only step: precomputed features (head.loss + parse_losses + '
               f'update_params), batch {args.batch_size}, {args.head_reps} interleaved '
               f'repetitions each',
-              [(name, wrapper_name(m, k), head_t[name], head_fwd[name])
-               for name, m, k in methods], 'CE')
+              [(name, wrapper_name(name), head_t[name], head_fwd[name])
+               for name, _, _ in methods], 'CE')
 
         ce_full, ce_head = full_t['CE'], head_t['CE']
         bb = full_t['backbone only']
@@ -219,7 +224,7 @@ def main() -> None:
                 line += (f'; had each inner step rerun the backbone, the full-step ratio would '
                          f'be about {rerun:.2f}')
             print(line)
-        seg = seg_head_steps(demo, args.seg_batch_size, args.seed)
+        seg = seg_head_steps(data_dir, args.seg_batch_size, args.seed)
         seg_t = c.interleaved(seg['steps'], args.seg_reps, args.warmup,
                               desc='segmentation head-only steps')
         print(f'\n# segmentation: {seg["desc"]}')

@@ -81,7 +81,9 @@ class InnerStepsOptimWrapperMixin:
        reduced to one loss by the model's own ``parse_losses`` per head and summed over the
        heads; ``backward`` (AMP: loss scaling), with ``_inner_count`` restored afterwards;
        the gradients all-reduce-averaged over the ranks (DDP's reducer only acts after a DDP
-       forward); ``step`` (with ``clip_grad``) and ``zero_grad``. Then the caches are cleared.
+       forward); ``step`` (with ``clip_grad``) and ``zero_grad``. Only the last inner step
+       asks the losses for their diagnostics (``grpo_inner_diagnostics``); they are not
+       logged, and stay in each loss's ``last_diagnostics``. Then the caches are cleared.
 
     Inner steps reuse the cached batch: its detached head input (no backbone or neck forward;
     a partly trainable backbone moves on the first step only), its labels (not validated
@@ -157,7 +159,9 @@ class InnerStepsOptimWrapperMixin:
         try:
             for m in modules:  # inner losses must not cache themselves again
                 m.grpo_cache_enabled = False
-            for _ in range(self.inner_steps - 1):
+            for step in range(self.inner_steps - 1):
+                for m in modules:  # diagnostics of the last inner step only
+                    m.grpo_inner_diagnostics = step == self.inner_steps - 2
                 with super().optim_context(model):  # type: ignore[misc]  (autocast for AMP)
                     keys: list[str] = []
                     total = None
@@ -182,6 +186,7 @@ class InnerStepsOptimWrapperMixin:
         finally:
             for m, flag in zip(modules, enabled):
                 m.grpo_cache_enabled = flag
+                m.grpo_inner_diagnostics = True
                 m.grpo_cache_clear()
 
     def _all_reduce_grads(self) -> None:

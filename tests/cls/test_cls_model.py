@@ -237,6 +237,35 @@ class TestGRPOHead:
         inner['loss_grpo'].backward()
         assert head.mlp.fc1.weight.grad is not None
 
+    def test_only_the_last_inner_step_computes_diagnostics(self) -> None:
+        from grpo_rm_mm.engine.optim_wrappers import GRPOOptimWrapper
+
+        x, y, samples = self.inputs()
+        weights, calls = [], []
+        for force in (False, True):  # as the wrapper asks / diagnostics on every call
+            head = self.head(clip_eps=0.05)
+            forward = head.loss_module.forward
+
+            def spy(*args, _forward=forward, _force=force, **kwargs):
+                calls.append((_force, kwargs.get('diagnostics', True)))
+                if _force:
+                    kwargs['diagnostics'] = True
+                return _forward(*args, **kwargs)
+
+            head.loss_module.forward = spy
+            wrapper = GRPOOptimWrapper(optimizer=torch.optim.SGD(head.parameters(), lr=0.5),
+                                       inner_steps=3)
+            with wrapper.optim_context(head):
+                losses = head.loss((x, ), samples)
+            wrapper.update_params(losses['loss_grpo'])
+            weights.append([p.detach().clone() for p in head.parameters()])
+            assert float(head.loss_module.last_diagnostics['grpo_kl_old']) > 0
+            assert head.grpo_inner_diagnostics  # restored after the inner steps
+        # the first update, inner step 1 without diagnostics, inner step 2 (the last) with
+        assert [asked for forced, asked in calls if not forced] == [True, False, True]
+        for a, b in zip(*weights):  # skipping them changes no update
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
     def test_no_cache_when_inner_steps_are_off(self) -> None:
         head = self.head()
         x, _, samples = self.inputs()

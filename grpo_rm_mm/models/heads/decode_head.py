@@ -179,8 +179,8 @@ class GRPORMSegHead(GRPOPolicyHeadMixin, BaseDecodeHead):
             if grpo:
                 kwargs.update(old_logits=old_logits, ref_logits=ref_logits,
                               group_seed=group_seeds[i] if group_seeds else None)
-                if validated:
-                    kwargs['validated'] = True
+                if validated:  # inner steps: diagnostics as the optimizer wrapper asks
+                    kwargs.update(validated=True, diagnostics=self.grpo_inner_diagnostics)
             value = loss_decode(seg_logits, label, **kwargs)
             name = loss_decode.loss_name
             losses[name] = losses[name] + value if name in losses else value

@@ -150,11 +150,13 @@ def confidence_penalty_reward_unchecked(probs: Tensor, labels: Tensor, dim: int 
 
 
 # A reward may carry ``unchecked(probs, labels, dim, out=None)`` (its kernel without checks) and
-# ``finite_rewards = True`` (finite values for every finite distribution, which spares the
-# fused objective its non-finite-reward check).
-for _checked, _unchecked in ((accuracy_reward, accuracy_reward_unchecked),
-                             (uniformity_reward, uniformity_reward_unchecked),
-                             (confidence_penalty_reward, confidence_penalty_reward_unchecked)):
-    _checked.unchecked = _unchecked  # type: ignore[attr-defined]
-del _checked, _unchecked
-accuracy_reward.add_unchecked = accuracy_reward_add_unchecked  # type: ignore[attr-defined]
+# ``add_unchecked(out, labels, dim)`` (for a reward that is non-zero only at the label): the
+# functions named ``<name>_reward_unchecked`` / ``<name>_reward_add_unchecked`` are attached
+# to ``<name>_reward``, so a reward and its kernels are found by their names alone.
+for _name, _fn in list(globals().items()):
+    if _name.endswith('_reward') and callable(_fn) and not _name.startswith('_'):
+        for _suffix in ('unchecked', 'add_unchecked'):
+            _kernel = globals().get(f'{_name}_{_suffix}')
+            if callable(_kernel):
+                setattr(_fn, _suffix, _kernel)
+del _name, _fn, _suffix, _kernel

@@ -148,8 +148,8 @@ class RepresentationMetric(BaseMetric):
         if self.reference is None:
             raise RuntimeError(
                 f'{type(self).__name__} has no reference (train-set) representations: add '
-                f"dict(type='RepresentationReferenceHook', dataloader=<train split, test "
-                f'pipeline>) to custom_hooks')
+                f"dict(type='RepresentationReferenceHook') to custom_hooks (it reads the "
+                f'training set with the test pipeline; dataloader=... gives another set)')
         reference = self._gather(self.reference, self.reference_size)
         queries = self._gather(self.results, size)
         if is_main_process():

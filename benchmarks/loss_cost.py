@@ -219,8 +219,7 @@ def main() -> None:
     warnings.filterwarnings('ignore', message='Default ``avg_non_ignore``')
     with c.tee_stdout(args.out):
         t_start = time.perf_counter()
-        c.print_header('loss forward + backward: time and peak memory, GRPO-RM / CE '
-                       '(issue 11)')
+        c.print_header('loss forward + backward: time and peak memory, GRPO-RM / CE')
         device = args.device
         if device == 'cuda':
             print(f'# device: {torch.cuda.get_device_name()}')

@@ -1,4 +1,4 @@
-"""The bad-input matrix of issue 7, in one place: every case raises an error whose message names
+"""The bad-input matrix, in one place: every case raises an error whose message names
 the bad value (or file) and the fix; the runner-level cases leave no checkpoint or prediction
 file behind.
 

@@ -502,8 +502,8 @@ def main() -> None:
                 bar.set_postfix_str(f'{s.name} seed {seed}: val {metrics["val"]:.2f}')
                 bar.update()
         bar.close()
-        print(f'# {reused} of {len(grid) * len(args.seeds)} runs reused from {args.runs_file} '
-              f'(their s / run are those of the run that made them)')
+        print(f'# {reused} of {len(grid) * len(args.seeds)} runs reused from '
+              f'{c.relative(args.runs_file)} (their s / run are those of the run that made them)')
 
         ce_settings = [s for s in grid if s.method == 'ce']
         baseline = max(ce_settings, key=lambda s: cells[s.name].mean('val'))

@@ -2,7 +2,8 @@
 
 Full step: ``model.train_step(data, optim_wrapper)`` of the demo model (frozen ImageNet
 EfficientNet-Lite0 + MLP head 1280 -> 256 -> 10) on one real Fashion-MNIST batch at 64 px, with
-``GRPOOptimWrapper(inner_steps=k)`` (GRPO-RM) vs ``OptimWrapper`` (CE), Adam. Head-only step: the
+``GRPOOptimWrapper(inner_steps=k)`` (GRPO-RM) vs the CE config's own wrapper
+(``GRPOOptimWrapper(inner_steps=1)``, the parent's behaviour), Adam. Head-only step: the
 same from precomputed backbone features (``head.loss`` + ``parse_losses`` + ``update_params``),
 which isolates the head's share. All timed functions are interleaved (A, B, ..., then reversed)
 in one run; medians of wall and process-CPU time and the ratios of the medians are printed.

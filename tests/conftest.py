@@ -1,6 +1,7 @@
 """Shared fixtures: run the project's tools the way a user does (subprocesses)."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -9,11 +10,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tools/ is imported as a namespace package (its converters)
 FIXTURE_CONFIGS = REPO / 'tests' / 'fixtures' / 'configs'
+
+
+def one_hot_advantages(labels: list[int], c: int) -> np.ndarray:
+    """The advantages in closed form for the one-hot accuracy reward, population std, eps = 0."""
+    sigma = math.sqrt((1 / c) * (1 - 1 / c))
+    a = np.full((len(labels), c), -(1 / c) / sigma)
+    for q, y in enumerate(labels):
+        a[q, y] = (1 - 1 / c) / sigma
+    return a
 
 
 def tool_env(**extra: str) -> dict[str, str]:

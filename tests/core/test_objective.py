@@ -5,20 +5,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import one_hot_advantages
 
 from grpo_rm_mm.core.objective import clipped_surrogate, exact_kl, grpo_rm_loss
 from grpo_rm_mm.core.rewards import accuracy_reward, uniformity_reward
 
 D = torch.float64
-
-
-def one_hot_advantages(labels: list[int], c: int) -> np.ndarray:
-    """Closed form for the one-hot accuracy reward, population std, eps = 0."""
-    sigma = math.sqrt((1 / c) * (1 - 1 / c))
-    a = np.full((len(labels), c), -(1 / c) / sigma)
-    for q, y in enumerate(labels):
-        a[q, y] = (1 - 1 / c) / sigma
-    return a
 
 
 def spec_advantages(p_old: np.ndarray, labels: list[int], eps: float = 0.0) -> np.ndarray:

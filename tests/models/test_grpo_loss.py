@@ -1,9 +1,9 @@
 """Registered rewards and GRPORMLoss: mmengine / mmpretrain / mmseg faces."""
-import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import one_hot_advantages
 from mmengine.logging import MessageHub
 from mmengine.registry import MODELS
 
@@ -11,15 +11,6 @@ from grpo_rm_mm.models.losses import GRPORMLoss
 from grpo_rm_mm.models.rewards import UniformityReward
 
 D = torch.float64
-
-
-def one_hot_advantages(labels: list[int], c: int) -> np.ndarray:
-    """Closed form for the one-hot accuracy reward, population std, eps = 0."""
-    sigma = math.sqrt((1 / c) * (1 - 1 / c))
-    a = np.full((len(labels), c), -(1 / c) / sigma)
-    for q, y in enumerate(labels):
-        a[q, y] = (1 - 1 / c) / sigma
-    return a
 
 
 # the uniform weighting's closed forms: -A/(C N) at ratio 1

@@ -86,3 +86,16 @@ def run_tool() -> Callable[..., subprocess.CompletedProcess]:
         return run_cmd(cmd + [str(a) for a in args], check=check, **env)
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _isolated_default_scope():
+    """Each test ends with the default scope it started with. mmengine's ``DefaultScope`` is
+    process-global (its latest instance wins), so a Runner, ``init_model`` or inferencer in
+    one test would otherwise pick the registry that a later test's ``MODELS.build`` uses."""
+    from mmengine.registry import DefaultScope
+
+    saved = DefaultScope._instance_dict.copy()
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(saved)

@@ -22,8 +22,8 @@ reference, kept as the test oracle) computes, for every registered group weighti
   which is exactly the gradient autograd gives the reference (the KL part equals
   ``beta p_k (log p_k - log ref_k - KL)`` since ``sum_i p_i = 1``). The chunk's gradient is
   written into one (N, C) tensor in the logits' dtype; that tensor is all the autograd node
-  keeps, and its backward scales it in place by ``grad_output``. Peak memory is that tensor, the
-  backward's output, the chunk's scratch buffers (reused from chunk to chunk, see
+  keeps, and its backward scales it in place by ``grad_output``. Peak memory is that tensor,
+  the chunk's scratch buffers (reused from chunk to chunk, see
   :class:`_Workspace`) and, for 'sampled', the (N, C) uint8 draw counts.
 * **Checks in the same pass, one host synchronisation.** Labels are checked per chunk
   (counted queries in [0, C)); a non-finite logit, pi_old / pi_ref logit, query weight or

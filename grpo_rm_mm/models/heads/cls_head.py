@@ -125,12 +125,9 @@ class GRPORMClsHead(GRPOPolicyHeadMixin, ClsHead):
                    validated: bool = False) -> dict[str, torch.Tensor]:
         if not self.is_grpo:
             return {'loss': self.loss_module(logits, target, avg_factor=logits.size(0))}
-        # inner steps: labels checked, diagnostics as the optimizer wrapper asks
-        kwargs = (dict(validated=True, diagnostics=self.grpo_inner_diagnostics) if validated
-                  else {})
         value = self.loss_module(logits, target, avg_factor=logits.size(0),
                                  old_logits=old_logits, ref_logits=ref_logits,
-                                 group_seed=group_seed, **kwargs)
+                                 group_seed=group_seed, **self.grpo_loss_kwargs(validated))
         losses = {self.loss_module.loss_name: value}
         losses.update({k: v.detach() for k, v in self.loss_module.last_diagnostics.items()})
         return losses

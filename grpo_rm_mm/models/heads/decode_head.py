@@ -178,9 +178,8 @@ class GRPORMSegHead(GRPOPolicyHeadMixin, BaseDecodeHead):
             kwargs = dict(weight=seg_weight, ignore_index=self.ignore_index)
             if grpo:
                 kwargs.update(old_logits=old_logits, ref_logits=ref_logits,
-                              group_seed=group_seeds[i] if group_seeds else None)
-                if validated:  # inner steps: diagnostics as the optimizer wrapper asks
-                    kwargs.update(validated=True, diagnostics=self.grpo_inner_diagnostics)
+                              group_seed=group_seeds[i] if group_seeds else None,
+                              **self.grpo_loss_kwargs(validated))
             value = loss_decode(seg_logits, label, **kwargs)
             name = loss_decode.loss_name
             losses[name] = losses[name] + value if name in losses else value

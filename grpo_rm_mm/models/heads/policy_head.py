@@ -152,6 +152,12 @@ class GRPOPolicyHeadMixin:
         ``ref_logits``, labels and group seeds (labels already validated)."""
         raise NotImplementedError(f'{type(self).__name__} must implement _grpo_inner_loss(item)')
 
+    def grpo_loss_kwargs(self, inner_step: bool) -> dict[str, bool]:
+        """Keyword arguments of a GRPO-RM loss call beyond its inputs: in an inner step the
+        labels were validated on the batch's first call, and the diagnostics are computed as
+        the optimizer wrapper asks (:attr:`grpo_inner_diagnostics`)."""
+        return dict(validated=True, diagnostics=self.grpo_inner_diagnostics) if inner_step else {}
+
     @staticmethod
     def is_grpo_loss(module: nn.Module) -> bool:
         """A GRPO-RM loss takes ``old_logits``/``ref_logits``/``group_seed`` and returns its

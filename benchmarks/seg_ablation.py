@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO / 'benchmarks'))
 
 import common as c  # noqa: E402
 
+from tools.demo import seg_metrics  # noqa: E402  (the repository is on sys.path via common)
+
 GRPO_CONFIG = 'configs/demo/fashion_voc_grpo_rm.py'
 CE_CONFIG = 'configs/demo/fashion_voc_ce.py'
 LOSS = 'model.decode_head.loss_decode'
@@ -82,7 +84,7 @@ def run_one(config: str, options: list[str], voc: Path, seed: int, iters: int, w
     work.mkdir(parents=True, exist_ok=True)
     done = work / 'options.json'
     if done.is_file() and json.loads(done.read_text()) == [config, *opts]:
-        return _metrics(work / 'test'), True
+        return seg_metrics(work / 'test'), True
     py = sys.executable
     for cmd, log in (([py, 'tools/train.py', config, '--work-dir', str(work),
                        '--cfg-options', *opts], work / 'train.log'),
@@ -93,18 +95,9 @@ def run_one(config: str, options: list[str], voc: Path, seed: int, iters: int, w
             proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode:
             sys.exit(f'failed ({proc.returncode}): {" ".join(cmd)}\n{log.read_text()[-3000:]}')
-    metrics = _metrics(work / 'test')
+    metrics = seg_metrics(work / 'test')
     done.write_text(json.dumps([config, *opts]))
     return metrics, False
-
-
-def _metrics(test_dir: Path) -> dict[str, float]:
-    """aAcc / mIoU / mAcc of the latest ``tools/test.py`` run in ``test_dir``: its metrics file
-    ``<timestamp>/<timestamp>.json`` (mmseg's IoUMetric rounds them to 2 decimals; the file
-    holds them as float32, so they are rounded back)."""
-    run = sorted(d for d in test_dir.iterdir() if (d / f'{d.name}.json').is_file())[-1]
-    metrics = json.loads((run / f'{run.name}.json').read_text())
-    return {m: round(float(metrics[m]), 2) for m in METRICS}
 
 
 def fmt(values: list[float]) -> str:
@@ -132,7 +125,7 @@ def main() -> None:
                 work = Path(args.work_dir) / args.split / name / f'seed{seed}'
                 m, reused = run_one(config, options, voc, seed, args.iters, work, env)
                 results.setdefault(name, []).append(m)
-                print(f'# {name} seed {seed}: ' + ', '.join(f'{k} {v:.2f}' for k, v in m.items())
+                print(f'# {name} seed {seed}: ' + ', '.join(f'{k} {m[k]:.2f}' for k in METRICS)
                       + (' (finished run reused)' if reused else ''),
                       flush=True)
         print(f'\n### {args.split} split: mean ± std over seeds {args.seeds}\n')

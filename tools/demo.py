@@ -98,13 +98,14 @@ def table(task: str, grpo: dict, ce: dict) -> str:
 
 def seg_metrics(test_dir: Path) -> dict[str, float]:
     """aAcc / mIoU / mAcc of the latest ``tools/test.py`` run with ``--work-dir test_dir``, read
-    from the metrics file mmengine writes there (``<timestamp>/<timestamp>.json``, one JSON
-    object per line; a test run writes one)."""
-    files = sorted(p for p in test_dir.glob('*/*.json') if p.stem == p.parent.name)
-    if not files:
+    from the metrics file mmengine writes there (``<timestamp>/<timestamp>.json``). mmseg's
+    IoUMetric rounds them to 2 decimals and the file holds them as float32, so they are rounded
+    back."""
+    runs = sorted(d for d in test_dir.glob('*') if (d / f'{d.name}.json').is_file())
+    if not runs:
         sys.exit(f'no metrics file <timestamp>/<timestamp>.json under {test_dir}')
-    metrics = json.loads(files[-1].read_text().splitlines()[-1])
-    return {m: round(float(metrics[m]), 4) for m in SEG_METRICS}  # as the log prints them
+    metrics = json.loads((runs[-1] / f'{runs[-1].name}.json').read_text().splitlines()[-1])
+    return {m: round(float(metrics[m]), 2) for m in SEG_METRICS}
 
 
 def seg_table(grpo: dict[str, float], ce: dict[str, float]) -> str:

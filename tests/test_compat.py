@@ -21,6 +21,13 @@ def run_snippet(code: str, patched: bool, **env: str):
     return run_cmd([sys.executable, '-c', prefix + textwrap.dedent(code)], check=False, **env)
 
 
+def run_distributed_snippet(code: str, **env: str):
+    """``(without, with_patch)``: the snippet run without and with ``import grpo_rm_mm``, each
+    on a fresh ``MASTER_PORT``."""
+    return tuple(run_snippet(code, patched, **env, MASTER_PORT=str(free_port()))
+                 for patched in (False, True))
+
+
 def test_every_patch_is_applied_on_import() -> None:
     assert set(grpo_rm_mm.compat.applied_patches()) <= {p.__name__ for p in compat.PATCHES}
     names = compat.apply_all()
@@ -153,12 +160,9 @@ def test_init_dist_without_cuda() -> None:
         init_dist('pytorch', backend='nccl')
         print('BACKEND', dist.get_backend())
     '''
-    env = dict(DIST_ENV, MASTER_PORT=str(free_port()))
-    without = run_snippet(code, patched=False, **env)
+    without, with_patch = run_distributed_snippet(code, **DIST_ENV)
     assert without.returncode != 0
     assert 'NVIDIA driver' in without.stderr or '_cuda_setDevice' in without.stderr
-    env['MASTER_PORT'] = str(free_port())
-    with_patch = run_snippet(code, patched=True, **env)
     assert with_patch.returncode == 0, with_patch.stderr[-3000:]
     assert 'BACKEND gloo' in with_patch.stdout
 
@@ -177,13 +181,11 @@ def test_slurm_init_dist_without_cuda(tmp_path: Path) -> None:
               os.environ['MASTER_ADDR'], os.environ['LOCAL_RANK'])
     '''
     import os
-    env = dict(SLURM_PROCID='0', SLURM_NTASKS='1', SLURM_LOCALID='0', SLURM_NODELIST='node1',
-               PATH=f'{tmp_path}{os.pathsep}{os.environ["PATH"]}', MASTER_PORT=str(free_port()))
-    without = run_snippet(code, patched=False, **env)
+    without, with_patch = run_distributed_snippet(
+        code, SLURM_PROCID='0', SLURM_NTASKS='1', SLURM_LOCALID='0', SLURM_NODELIST='node1',
+        PATH=f'{tmp_path}{os.pathsep}{os.environ["PATH"]}')
     assert without.returncode != 0
     assert 'NVIDIA driver' in without.stderr or '_cuda_setDevice' in without.stderr
-    env['MASTER_PORT'] = str(free_port())
-    with_patch = run_snippet(code, patched=True, **env)
     assert with_patch.returncode == 0, with_patch.stderr[-3000:]
     assert 'BACKEND gloo 0 1 127.0.0.1 0' in with_patch.stdout
 
@@ -196,11 +198,8 @@ def test_ddp_wrapper_accepts_device_ids_for_cpu_module() -> None:
         ddp = MMDistributedDataParallel(module=torch.nn.Linear(2, 2), device_ids=[0])
         print('WRAPPED', type(ddp).__name__)
     '''
-    env = dict(DIST_ENV, MASTER_PORT=str(free_port()))
-    without = run_snippet(code, patched=False, **env)
+    without, with_patch = run_distributed_snippet(code, **DIST_ENV)
     assert without.returncode != 0 and 'device_ids' in without.stderr
-    env['MASTER_PORT'] = str(free_port())
-    with_patch = run_snippet(code, patched=True, **env)
     assert with_patch.returncode == 0, with_patch.stderr[-3000:]
     assert 'WRAPPED MMDistributedDataParallel' in with_patch.stdout
 

@@ -1,8 +1,10 @@
 """grpo-rm-mm: GRPO-RM for mmpretrain and mmsegmentation (an OpenMMLab plugin)."""
+import platform
 import re
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent
 
@@ -13,6 +15,36 @@ def requirements(name: str) -> list[str]:
     return [re.sub(r'\s+#.*', '', ln).strip() for ln in lines
             if ln.strip() and not ln.startswith('#')]
 
+
+class OptionalBuildExt(build_ext):
+    """Build the fused objective's CPU kernel; where it cannot be built (no C++ compiler) the
+    package still installs, and the objective runs its torch implementation
+    (``grpo_rm_mm.core.native.AVAILABLE`` is then False)."""
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as err:  # a missing compiler raises several distutils error types
+            self.warn(f'grpo_rm_mm: the CPU kernel {ext.name} was not built ({err}); the fused '
+                      f'GRPO-RM objective will use its torch implementation on the CPU')
+
+
+# No torch headers: the kernel takes data pointers, so it builds in seconds with any C++17
+# compiler and does not depend on the torch version it runs with. One build per vector width:
+# the portable one (16-byte vectors: SSE2, NEON) and, on x86-64, AVX2 + FMA; the package
+# imports the widest one the CPU runs (grpo_rm_mm/core/native.py).
+def kernel(name: str, vector_bytes: int, flags: list[str]) -> Extension:
+    return Extension(
+        f'grpo_rm_mm.core.{name}', sources=['grpo_rm_mm/core/csrc/objective_cpu.cpp'],
+        language='c++',
+        extra_compile_args=['-O3', '-std=c++17', '-fno-math-errno', '-Wno-psabi',
+                            f'-DGRPO_VECTOR_BYTES={vector_bytes}', f'-DGRPO_MODULE={name}',
+                            *flags])
+
+
+kernels = [kernel('_objective_cpu', 16, [])]
+if platform.machine().lower() in ('x86_64', 'amd64'):
+    kernels.append(kernel('_objective_cpu_avx2', 32, ['-mavx2', '-mfma']))
 
 version = re.search(r"__version__ = '([^']+)'",
                     (HERE / 'grpo_rm_mm' / 'version.py').read_text()).group(1)
@@ -25,6 +57,8 @@ setup(
     long_description=(HERE / 'README.md').read_text() if (HERE / 'README.md').exists() else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['grpo_rm_mm', 'grpo_rm_mm.*']),
+    ext_modules=kernels,
+    cmdclass={'build_ext': OptionalBuildExt},
     python_requires='>=3.9',
     # torch/torchvision are not pinned here so that a cluster's own CUDA build is kept; the
     # tested pair (2.14.1 / 0.29.1) is pinned in requirements/build.txt and requirements/lock.txt.

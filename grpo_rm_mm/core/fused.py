@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import native
 from .objective import (
     DIAGNOSTIC_KEYS,
     LOG_RATIO_CLAMP,
@@ -87,6 +88,8 @@ __all__ = ['DEFAULT_CHUNK_ELEMENTS', 'FUSED_SURROGATES', 'FUSED_WEIGHTINGS',
 #: enough chunks that the per-operation overhead of each stays small next to the arithmetic.
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
 MAX_CHUNK_ELEMENTS = 1 << 20
+#: ``kernel=`` choices of :func:`grpo_rm_loss_fused`
+KERNELS = ('auto', 'native', 'torch')
 FUSED_WEIGHTINGS = ('uniform', 'pi_old', 'sampled')
 FUSED_SURROGATES = ('clip', 'dual_clip')
 
@@ -144,8 +147,8 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
                        clip_eps_low: float | None = None, clip_eps_high: float | None = None,
                        dual_clip_c: float = 3.0, group_size: int = 8,
                        generator: torch.Generator | None = None, validated: bool = False,
-                       chunk_size: int | None = None,
-                       diagnostics: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+                       chunk_size: int | None = None, diagnostics: bool = True,
+                       kernel: str = 'auto') -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO-RM loss and diagnostics of :func:`.grpo_rm_loss`, fused (see the module doc).
 
     Takes the reference's arguments, with two more forms and two more options:
@@ -160,6 +163,9 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
     * ``diagnostics``: False skips the diagnostics' arithmetic (about a third of an inner
       step's passes); the returned dict then holds ``grpo_queries`` only. Inner steps, whose
       diagnostics nobody logs, pass False.
+    * ``kernel``: 'auto' runs the compiled CPU kernel (:mod:`.native`) where it covers the
+      call and the chunked torch implementation elsewhere; 'native' requires the kernel
+      (ValueError where it does not cover the call); 'torch' always takes the torch path.
 
     Returns ``(loss, diagnostics)`` with the reference's keys and values; the loss is
     differentiable with respect to ``logits`` only (the other inputs are constants, as in the
@@ -178,6 +184,8 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
                          f'{FUSED_WEIGHTINGS} and surrogate in {FUSED_SURROGATES}, got '
                          f'{group_weighting!r}, {surrogate!r}; use the reference '
                          f'grpo_rm_loss (GRPORMLoss(implementation="reference"))')
+    if kernel not in KERNELS:
+        raise ValueError(f'kernel={kernel!r} is unknown; use one of {KERNELS}')
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
             chunk_size, int) or chunk_size < 1):
         raise ValueError(f'chunk_size={chunk_size!r} must be a positive int (queries per chunk)')
@@ -202,10 +210,21 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
         adv_eps=float(adv_eps), adv_scale=adv_scale, group_size=group_size,
         validated=bool(validated), diagnostics=bool(diagnostics),
         chunk=chunk_size or default_chunk_size(logits.numel(), c))
+    plan = None
+    if kernel != 'torch':
+        plan = native.plan(prob.z, prob.y, prob.old, prob.ref, prob.valid, prob.weight,
+                           rewards, group_weighting, surrogate)
+        if plan is None and kernel == 'native':
+            raise ValueError(
+                f"kernel='native' does not cover this call (compiled kernel available: "
+                f"{native.AVAILABLE}): it needs CPU float32/float64 logits, group_weighting in "
+                f"{tuple(native.KERNEL_WEIGHTINGS)} and rewards of grpo_rm_mm.core.rewards "
+                f"{native.KERNEL_REWARDS} (or their registered classes); got "
+                f"{logits.device.type} {logits.dtype}, {group_weighting!r}; use kernel='auto'")
     out: dict = {}
     state = generator.get_state() if generator is not None else None
     try:
-        loss = _FusedObjective.apply(logits, prob, generator, out)
+        loss = _FusedObjective.apply(logits, prob, generator, out, plan)
     except _DelegateToReference:
         loss = None
     if loss is None or out['delegate']:
@@ -732,15 +751,36 @@ def _forward(prob: _Problem, generator: torch.Generator | None,
     return means[0], grad
 
 
+def _forward_native(prob: _Problem, plan: native.KernelPlan, out: dict) -> tuple[Tensor, Tensor]:
+    """:func:`_forward` by the compiled kernel (no host synchronisation: CPU tensors)."""
+    b, c, s = prob.z.shape
+    grad = torch.empty((b, c, s), dtype=plan.z.dtype)
+    n_valid, bad, sums = native.run(
+        plan, grad, ignore_index=prob.ignore_index, weighting=prob.weighting,
+        surrogate=prob.surrogate, eps_low=prob.eps_low, eps_high=prob.eps_high,
+        dual_clip_c=prob.dual_clip_c, beta=prob.beta, adv_std=prob.adv_std,
+        adv_scale=prob.adv_scale, adv_eps=prob.adv_eps, diagnostics=prob.diagnostics)
+    out['n_valid'] = n_valid
+    out['delegate'] = bad or not all(map(math.isfinite, sums))
+    inv_n = 1.0 / max(n_valid, 1)
+    scale = (1.0, 1.0, 1.0 / c, 1.0 / c, 1.0, 1.0, 1.0, 100.0)
+    means = torch.tensor([v * inv_n * f for v, f in zip(sums, scale)], dtype=prob.cdt)
+    out['diagnostics'] = ({key: means[i + 1] for i, key in enumerate(DIAGNOSTIC_KEYS)}
+                          if prob.diagnostics else {})
+    out['diagnostics']['grpo_queries'] = torch.tensor(float(n_valid))
+    return means[0], grad
+
+
 class _FusedObjective(torch.autograd.Function):
     """loss = mean_{valid q} u_q (-surr_q + beta KL_q); the forward computes the gradient with
     respect to the logits (closed form, chunk by chunk) and the backward scales it."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, prob: _Problem, generator: torch.Generator | None,
-                out: dict) -> Tensor:
+                out: dict, plan: native.KernelPlan | None) -> Tensor:
         with torch.autocast(logits.device.type, enabled=False):
-            loss, grad = _forward(prob, generator, out)
+            loss, grad = (_forward(prob, generator, out) if plan is None
+                          else _forward_native(prob, plan, out))
         ctx.save_for_backward(grad.view(logits.shape))
         return loss
 
@@ -751,4 +791,4 @@ class _FusedObjective(torch.autograd.Function):
         # through the same graph (retain_graph=True) fails autograd's version check on it
         # instead of reusing a scaled tensor
         grad, = ctx.saved_tensors
-        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None

@@ -153,8 +153,11 @@ def confidence_penalty_reward_unchecked(probs: Tensor, labels: Tensor, dim: int 
 # ``add_unchecked(out, labels, dim)`` (for a reward that is non-zero only at the label): the
 # functions named ``<name>_reward_unchecked`` / ``<name>_reward_add_unchecked`` are attached
 # to ``<name>_reward``, so a reward and its kernels are found by their names alone.
+# Each also carries ``fused_term = (name, 1.0)``: it is the reward ``name`` with coefficient 1,
+# which the compiled kernel of the fused objective computes itself (:mod:`.native`).
 for _name, _fn in list(globals().items()):
     if _name.endswith('_reward') and callable(_fn) and not _name.startswith('_'):
+        _fn.fused_term = (_name[:-len('_reward')], 1.0)
         for _suffix in ('unchecked', 'add_unchecked'):
             _kernel = globals().get(f'{_name}_{_suffix}')
             if callable(_kernel):

@@ -75,6 +75,15 @@ class BaseReward:
             return None
         return lambda out, labels, dim=-1: kernel(out, labels, dim, scale=self.weight)
 
+    @property
+    def fused_term(self) -> tuple[str, float] | None:
+        """``(name, weight)`` when this reward is ``weight`` times the core reward ``name``
+        (what the fused objective's compiled kernel computes itself), else None."""
+        term = getattr(type(self).fn, 'fused_term', None)
+        if term is None or type(self).__call__ is not BaseReward.__call__:
+            return None
+        return term[0], term[1] * self.weight
+
     def __repr__(self) -> str:
         return f'{type(self).__name__}(weight={self.weight})'
 

@@ -51,9 +51,11 @@ def make_inputs(seed: int, n: int, c: int, spatial: tuple[int, ...], dtype, logi
     return cast(z), labels, cast(old), cast(ref), cast(weight)
 
 
-def run_both(z, labels, old, ref, weight, rewards, chunk_size=None, seed=7, **opts):
+def run_both(z, labels, old, ref, weight, rewards, chunk_size=None, seed=7, kernel='auto',
+             **opts):
     """(loss, grad, diagnostics) of the reference (on flattened queries) and the fused
-    objective (on the tensors as given), with the same 'sampled' generator state."""
+    objective (on the tensors as given, by ``kernel``), with the same 'sampled' generator
+    state."""
     dense = z.ndim > 2
     za = (flat(z) if dense else z).detach().clone().requires_grad_(True)
     ref_loss, ref_diag = grpo_rm_loss(
@@ -65,7 +67,8 @@ def run_both(z, labels, old, ref, weight, rewards, chunk_size=None, seed=7, **op
     zb = z.detach().clone().requires_grad_(True)
     loss, diag = grpo_rm_loss_fused(zb, labels, rewards, old_logits=old, ref_logits=ref,
                                     weight=weight, ignore_index=255, chunk_size=chunk_size,
-                                    generator=torch.Generator().manual_seed(seed), **opts)
+                                    generator=torch.Generator().manual_seed(seed),
+                                    kernel=kernel, **opts)
     loss.backward()
     grad = flat(zb.grad) if dense else zb.grad
     return (ref_loss, za.grad, ref_diag), (loss, grad, diag)
@@ -99,6 +102,9 @@ def assert_match(ref, fused, rtol: float, n_terms: int) -> None:
 
 
 # ---------------------------------------------------------------------- values and gradients
+# 'auto' takes the compiled CPU kernel for the weightings it covers ('uniform', 'pi_old') and
+# the torch implementation for 'sampled'; 'torch' always the torch implementation
+@pytest.mark.parametrize('kernel', ['torch', 'auto'])
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 9), c=st.integers(2, 9),
        spatial=st.sampled_from([(), (1, ), (3, 4), (5, )]),
@@ -111,9 +117,9 @@ def assert_match(ref, fused, rtol: float, n_terms: int) -> None:
        adv=st.sampled_from([('population', 'std', 1e-6), ('unbiased', 'std', 1e-6),
                             ('population', 'none', 1e-6), ('population', 'std', 0.0)]),
        eps=st.sampled_from([(0.2, None, None), (0.2, 0.1, 0.28)]))
-def test_fused_equals_reference_float64(seed, n, c, spatial, weighting, surrogate, rewards,
-                                        logit_scale, old_scale, beta, ignored, with_weight,
-                                        chunk, adv, eps) -> None:
+def test_fused_equals_reference_float64(kernel, seed, n, c, spatial, weighting, surrogate,
+                                        rewards, logit_scale, old_scale, beta, ignored,
+                                        with_weight, chunk, adv, eps) -> None:
     z, labels, old, ref, weight = make_inputs(seed, n, c, spatial, D, logit_scale, old_scale,
                                               ignored, with_weight, with_ref=beta > 0)
     std, scale, adv_eps = adv
@@ -122,20 +128,23 @@ def test_fused_equals_reference_float64(seed, n, c, spatial, weighting, surrogat
                 adv_scale=scale, adv_eps=adv_eps, clip_eps=clip_eps, clip_eps_low=low,
                 clip_eps_high=high, dual_clip_c=1.5)
     ref_out, fused_out = run_both(z, labels, old, ref, weight, REWARD_SETS[rewards],
-                                  chunk_size=chunk, **opts)
+                                  chunk_size=chunk, kernel=kernel, **opts)
     assert_match(ref_out, fused_out, rtol=1e-12, n_terms=int((labels != 255).sum()))
 
 
+@pytest.mark.parametrize('kernel', ['torch', 'auto'])
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), weighting=st.sampled_from(WEIGHTINGS),
        surrogate=st.sampled_from(SURROGATES), old_scale=st.sampled_from([None, 0.1, 1.0]),
        beta=st.sampled_from([0.0, 0.2]))
-def test_fused_equals_reference_float32(seed, weighting, surrogate, old_scale, beta) -> None:
+def test_fused_equals_reference_float32(kernel, seed, weighting, surrogate, old_scale,
+                                        beta) -> None:
     z, labels, old, ref, weight = make_inputs(seed, 3, 6, (4, 5), torch.float32, 2.0,
                                               old_scale, 0.2, True, with_ref=beta > 0)
     ref_out, fused_out = run_both(z, labels, old, ref, weight, REWARD_SETS['acc+uni'],
                                   chunk_size=7, group_weighting=weighting,
-                                  surrogate=surrogate, beta=beta, dual_clip_c=1.5)
+                                  surrogate=surrogate, beta=beta, dual_clip_c=1.5,
+                                  kernel=kernel)
     assert_match(ref_out, fused_out, rtol=1e-5, n_terms=int((labels != 255).sum()))
 
 
@@ -350,6 +359,7 @@ class HostSyncCounter(TorchFunctionMode):
 @pytest.mark.parametrize('weighting, expected', [('uniform', 1), ('pi_old', 1), ('sampled', 2)])
 @pytest.mark.parametrize('validated', [False, True])
 def test_host_syncs_per_call(weighting: str, expected: int, validated: bool) -> None:
+    """The torch implementation's host reads (the path of CUDA tensors)."""
     z, labels, old, ref, weight = make_inputs(0, 4, 5, (7, 3), D, 1.0, 0.5, 0.2, True, True)
     z.requires_grad_(True)
     with HostSyncCounter() as counter:
@@ -357,7 +367,7 @@ def test_host_syncs_per_call(weighting: str, expected: int, validated: bool) -> 
                                      ref_logits=ref, weight=weight, beta=0.1, ignore_index=255,
                                      group_weighting=weighting, chunk_size=5,
                                      generator=torch.Generator().manual_seed(0),
-                                     validated=validated)
+                                     validated=validated, kernel='torch')
         loss.backward()
     assert counter.reads == ['tolist'] * expected
     # the reference reads the device many times (one check after another)
@@ -369,20 +379,25 @@ def test_host_syncs_per_call(weighting: str, expected: int, validated: bool) -> 
     assert len(counter.reads) > expected + 3
 
 
-def test_pi_old_probability_underflow_is_redone_with_the_exact_flat_test() -> None:
+@pytest.mark.parametrize('kernel', ['torch', 'auto'])
+def test_pi_old_probability_underflow_is_redone_with_the_exact_flat_test(kernel: str) -> None:
     # rows whose pi_old puts all mass on one output (the others underflow to exactly 0) form
-    # flat groups: advantages 0, as the reference decides over the weighted outputs only
+    # flat groups: advantages 0, as the reference decides over the weighted outputs only (the
+    # compiled kernel always tests over the weighted outputs)
     z = torch.zeros(6, 4, dtype=D)
     z[:3, 0] = 900.0                            # exp(-900) == 0 in float64: one-output groups
     z[3:] = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=D)
     labels = torch.tensor([0, 1, 2, 0, 1, 3])
     ref_out, fused_out = run_both(z, labels, None, None, None, REWARD_SETS['acc+uni'],
-                                  group_weighting='pi_old')
+                                  group_weighting='pi_old', kernel=kernel)
     assert_match(ref_out, fused_out, rtol=1e-12, n_terms=6)
-    # the redo is the second host read of such a call (and of no other)
+    if kernel != 'torch':
+        return
+    # the torch path's redo is the second host read of such a call (and of no other)
     zz = z.clone().requires_grad_(True)
     with HostSyncCounter() as counter:
-        grpo_rm_loss_fused(zz, labels, REWARD_SETS['acc+uni'], group_weighting='pi_old')
+        grpo_rm_loss_fused(zz, labels, REWARD_SETS['acc+uni'], group_weighting='pi_old',
+                           kernel='torch')
     assert counter.reads == ['tolist'] * 2
 
 

@@ -1,0 +1,156 @@
+"""The fused objective's compiled CPU kernel (``csrc/objective_cpu.cpp``): its boundary.
+
+The kernel computes, for a range of queries, what one chunk of :func:`.fused._chunk` computes
+(loss terms, the diagnostics' sums and the closed-form gradient) in one pass over the inputs,
+with every per-output step vectorised over a tile of queries; the torch implementation of
+:mod:`.fused` does the same in some thirty separate passes. It covers:
+
+* CPU tensors, float32 or float64 logits (pi_old / pi_ref logits and query weights are cast to
+  that dtype, as the torch path computes in it);
+* the 'uniform' and 'pi_old' group weightings, both surrogates, KL to pi_ref, query weights, a
+  valid mask, an ignore index, both advantage conventions;
+* rewards that carry a ``fused_term`` ``(name, coefficient)`` with a name of
+  :data:`KERNEL_REWARDS` (the registered accuracy, uniformity and confidence-penalty rewards
+  and their weighted registry classes), summed with their coefficients.
+
+Anything else (CUDA tensors, bf16/fp16 logits, 'sampled' draws, custom reward callables or a
+reward tensor) takes the torch path; :func:`plan` says which. The kernel is built with the
+package (``setup.py``: a portable build and, on x86-64, an AVX2 + FMA one, imported where the
+CPU runs it); where it could not be built, :data:`AVAILABLE` is False and every call takes the
+torch path.
+
+The kernel checks nothing; :func:`plan` checks its arguments once (device, dtype, layout). A
+counted label outside [0, C) or a non-finite input value is reported back, and the caller then
+hands the call to the reference implementation, which raises its error.
+
+Large inputs are split into ranges of queries run by ``torch.get_num_threads()`` threads (the
+kernel releases the GIL); each range returns its own sums, added in range order.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _objective_cpu  # type: ignore[attr-defined]
+except ImportError:  # built without a compiler: the torch implementation is used
+    _objective_cpu = None
+else:
+    # the same kernel with 8-float vectors, where the CPU runs it (several times faster)
+    if _objective_cpu.cpu_has_avx2_fma():
+        try:
+            from . import _objective_cpu_avx2 as _objective_cpu  # type: ignore[attr-defined]
+        except ImportError:
+            pass
+
+__all__ = ['AVAILABLE', 'KERNEL_REWARDS', 'KernelPlan', 'kernel_reward_terms', 'plan', 'run']
+
+AVAILABLE = _objective_cpu is not None
+#: reward names the kernel computes (``fused_term[0]``), in the order of its coefficients
+KERNEL_REWARDS = ('accuracy', 'uniformity', 'confidence_penalty')
+KERNEL_WEIGHTINGS = {'uniform': 0, 'pi_old': 1}
+KERNEL_SURROGATES = {'clip': 0, 'dual_clip': 1}
+#: elements (queries x C) per thread below which a call is not split
+MIN_ELEMENTS_PER_THREAD = 1 << 18
+
+
+def kernel_reward_terms(rewards: object) -> tuple[float, float, float] | None:
+    """The summed coefficients of :data:`KERNEL_REWARDS` in a reward spec (a callable or a
+    sequence of them), or None if one of its rewards has no ``fused_term`` the kernel knows."""
+    if torch.is_tensor(rewards):
+        return None
+    fns = [rewards] if callable(rewards) else list(rewards)
+    coeffs = [0.0, 0.0, 0.0]
+    for fn in fns:
+        term = getattr(fn, 'fused_term', None)
+        if term is None or term[0] not in KERNEL_REWARDS:
+            return None
+        coeffs[KERNEL_REWARDS.index(term[0])] += float(term[1])
+    return coeffs[0], coeffs[1], coeffs[2]
+
+
+@dataclass
+class KernelPlan:
+    """The kernel's arguments for one call: contiguous CPU tensors of the compute dtype."""
+
+    z: Tensor                # (B, C, S)
+    old: Tensor | None
+    ref: Tensor | None
+    y: Tensor                # (B, S) int64
+    valid: Tensor | None     # (B, S) bool
+    weight: Tensor | None    # (B, S)
+    rewards: tuple[float, float, float]
+
+
+def plan(z: Tensor, y: Tensor, old: Tensor | None, ref: Tensor | None, valid: Tensor | None,
+         weight: Tensor | None, rewards: object, weighting: str,
+         surrogate: str) -> KernelPlan | None:
+    """The kernel's arguments, or None when the call must take the torch path (module doc).
+    ``z``, ``old``, ``ref``: (B, C, S) views; ``y``, ``valid``, ``weight``: (B, S)."""
+    if (not AVAILABLE or z.device.type != 'cpu' or z.dtype not in (torch.float32, torch.float64)
+            or weighting not in KERNEL_WEIGHTINGS or surrogate not in KERNEL_SURROGATES
+            or y.is_floating_point() or y.dtype == torch.bool):
+        return None
+    terms = kernel_reward_terms(rewards)
+    if terms is None:
+        return None
+    others = [x for x in (old, ref, valid, weight) if x is not None]
+    if any(x.device.type != 'cpu' for x in others + [y]):
+        return None
+
+    def dense(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(z.dtype).contiguous()
+
+    return KernelPlan(z=z.contiguous(), old=dense(old), ref=dense(ref),
+                      y=y.to(torch.int64).contiguous(),
+                      valid=None if valid is None else valid.contiguous(),
+                      weight=dense(weight), rewards=terms)
+
+
+def _ptr(x: Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def run(kp: KernelPlan, grad: Tensor, *, ignore_index: int | None, weighting: str,
+        surrogate: str, eps_low: float, eps_high: float, dual_clip_c: float, beta: float,
+        adv_std: str, adv_scale: str, adv_eps: float,
+        diagnostics: bool) -> tuple[int, bool, list[float]]:
+    """Fill ``grad`` ((B, C, S), contiguous, the dtype of ``kp.z``) with the gradient of the
+    loss (already divided by the number of counted queries) and return ``(n_valid, bad,
+    sums)``: ``bad`` flags a counted label outside [0, C) or a non-finite input value;
+    ``sums`` are the 8 sums over the counted queries of :class:`.fused._Accumulator`."""
+    b, c, s = kp.z.shape
+    queries = b * s
+    has_ignore = ignore_index is not None
+    ignore = int(ignore_index) if has_ignore else 0
+    n_valid = _objective_cpu.count(kp.y.data_ptr(), _ptr(kp.valid), queries, has_ignore,
+                                   ignore)
+    kappa = -1.0 / max(n_valid, 1)
+    args = (kp.z.dtype == torch.float64, kp.z.data_ptr(), _ptr(kp.old), _ptr(kp.ref),
+            kp.y.data_ptr(), _ptr(kp.valid), _ptr(kp.weight), grad.data_ptr(), b, c, s)
+    options = (has_ignore, ignore, KERNEL_WEIGHTINGS[weighting], KERNEL_SURROGATES[surrogate],
+               float(eps_low), float(eps_high), float(dual_clip_c), float(beta),
+               adv_std == 'unbiased', adv_scale == 'none', float(adv_eps), *kp.rewards,
+               kappa, bool(diagnostics))
+    threads = min(torch.get_num_threads(), max(1, kp.z.numel() // MIN_ELEMENTS_PER_THREAD))
+    bounds = [queries * i // threads for i in range(threads + 1)]
+    results: list = [None] * threads
+
+    def work(i: int) -> None:
+        results[i] = _objective_cpu.objective(*args, bounds[i], bounds[i + 1], *options)
+
+    workers = [threading.Thread(target=work, args=(i, )) for i in range(1, threads)]
+    for worker in workers:
+        worker.start()
+    work(0)
+    for worker in workers:
+        worker.join()
+    bad = False
+    sums = [0.0] * 8
+    for _counted, bad_label, nonfinite, part in results:
+        bad |= bool(bad_label or nonfinite)
+        sums = [a + v for a, v in zip(sums, part)]
+    return n_valid, bad, sums

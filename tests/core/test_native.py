@@ -1,0 +1,221 @@
+"""The fused objective's compiled CPU kernel (grpo_rm_mm.core.native) against the reference
+implementation (the oracle) and the torch implementation: every build the CPU runs, every
+option the kernel covers, tile boundaries, threads, and which calls take it."""
+from __future__ import annotations
+
+import importlib
+import itertools
+
+import pytest
+import torch
+
+from grpo_rm_mm.core import native
+from grpo_rm_mm.core.fused import grpo_rm_loss_fused
+from grpo_rm_mm.core.objective import grpo_rm_loss
+from grpo_rm_mm.core.rewards import (
+    accuracy_reward,
+    confidence_penalty_reward,
+    uniformity_reward,
+)
+from grpo_rm_mm.models.rewards import AccuracyReward, UniformityReward
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason='the CPU kernel was not built')
+
+
+def _builds() -> list[str]:
+    """The kernel builds this CPU runs: the portable one and, where supported, AVX2 + FMA."""
+    names = ['_objective_cpu']
+    portable = importlib.import_module('grpo_rm_mm.core._objective_cpu')
+    if portable.cpu_has_avx2_fma():
+        try:
+            importlib.import_module('grpo_rm_mm.core._objective_cpu_avx2')
+            names.append('_objective_cpu_avx2')
+        except ImportError:
+            pass
+    return names
+
+
+@pytest.fixture(params=_builds())
+def build(request, monkeypatch):
+    monkeypatch.setattr(native, '_objective_cpu',
+                        importlib.import_module(f'grpo_rm_mm.core.{request.param}'))
+    return request.param
+
+
+def inputs(seed: int, b: int, c: int, spatial: tuple[int, ...], dtype: torch.dtype,
+           old: bool, ref: bool, weight: bool, valid: bool):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((b, c) + spatial, generator=g, dtype=dtype) * 3
+    labels = torch.randint(0, c, (b, ) + spatial, generator=g)
+    labels.view(-1)[::4] = 255
+    return dict(
+        logits=z, labels=labels,
+        old_logits=z + 0.4 * torch.randn(z.shape, generator=g, dtype=dtype) if old else None,
+        ref_logits=torch.randn(z.shape, generator=g, dtype=dtype) if ref else None,
+        weight=torch.rand((b, ) + spatial, generator=g, dtype=dtype) if weight else None,
+        valid=torch.rand((b, ) + spatial, generator=g) > 0.2 if valid else None)
+
+
+def flat(x, queries=False):
+    if x is None or x.ndim <= (1 if queries else 2):
+        return x
+    return x.reshape(-1) if queries else x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def reference(x: dict, rewards, **opts):
+    za = flat(x['logits']).clone().requires_grad_(True)
+    loss, diag = grpo_rm_loss(za, flat(x['labels'], True), rewards,
+                              old_logits=flat(x['old_logits']), ref_logits=flat(x['ref_logits']),
+                              weight=flat(x['weight'], True), valid=flat(x['valid'], True),
+                              ignore_index=255, **opts)
+    loss.backward()
+    return loss.detach(), za.grad, diag
+
+
+def fused(x: dict, rewards, kernel: str, **opts):
+    zb = x['logits'].clone().requires_grad_(True)
+    loss, diag = grpo_rm_loss_fused(zb, x['labels'], rewards, old_logits=x['old_logits'],
+                                    ref_logits=x['ref_logits'], weight=x['weight'],
+                                    valid=x['valid'], ignore_index=255, kernel=kernel, **opts)
+    loss.backward()
+    return loss.detach(), flat(zb.grad), diag
+
+
+def assert_close(got, want, rtol: float) -> None:
+    (loss, grad, diag), (ref_loss, ref_grad, ref_diag) = got, want
+    assert loss.dtype == ref_loss.dtype and grad.dtype == ref_grad.dtype
+    scale = float(ref_grad.abs().max())
+    torch.testing.assert_close(grad, ref_grad, rtol=rtol, atol=rtol * scale)
+    # at ratio 1 the loss is sum_i w_i A_i = 0 up to rounding: compared at the terms' size
+    assert abs(float(loss) - float(ref_loss)) <= rtol * max(1.0, abs(float(ref_loss)))
+    assert set(diag) == set(ref_diag)
+    for key, value in ref_diag.items():
+        assert abs(float(diag[key]) - float(value)) <= 100 * rtol * max(1.0, abs(float(value))), \
+            (key, float(diag[key]), float(value))
+
+
+REWARDS = {
+    'acc+uni': [accuracy_reward, uniformity_reward],
+    'weighted classes': [AccuracyReward(weight=0.5), UniformityReward(weight=2.0),
+                         AccuracyReward(weight=0.25)],
+    'all three': [accuracy_reward, uniformity_reward, confidence_penalty_reward],
+    'acc': [accuracy_reward],
+}
+
+
+@pytest.mark.parametrize('dtype, rtol', [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('weighting', ['uniform', 'pi_old'])
+@pytest.mark.parametrize('surrogate', ['clip', 'dual_clip'])
+def test_kernel_equals_reference(build, dtype, rtol, weighting, surrogate) -> None:
+    for i, (shape, old, ref, weight, valid, adv, rewards) in enumerate(itertools.product(
+            [(37, 5, ()), (3, 7, (9, 11)), (2, 21, (40, ))], [False, True], [False, True],
+            [False, True], [False, True],
+            [('population', 'std'), ('unbiased', 'std'), ('population', 'none')],
+            ['acc+uni', 'weighted classes', 'all three', 'acc'])):
+        if i % 3:  # a third of the grid, every option in it
+            continue
+        b, c, spatial = shape
+        x = inputs(i, b, c, spatial, dtype, old, ref, weight, valid)
+        opts = dict(group_weighting=weighting, surrogate=surrogate, beta=0.1 if ref else 0.0,
+                    adv_std=adv[0], adv_scale=adv[1], clip_eps_low=0.1, clip_eps_high=0.28,
+                    dual_clip_c=1.5)
+        assert_close(fused(x, REWARDS[rewards], 'native', **opts),
+                     reference(x, REWARDS[rewards], **opts), rtol)
+
+
+@pytest.mark.parametrize('shape', [(1, 3), (17, 4), (300, 1000), (2, 3, 1), (2, 5, 77, 3),
+                                   (1, 2, 1000)])
+def test_tile_boundaries(build, shape) -> None:
+    """Partial tiles, one query, C = 1000 (the smallest tile), images shorter and longer
+    than a tile."""
+    x = inputs(1, shape[0], shape[1], tuple(shape[2:]), torch.float64, True, True, True, False)
+    opts = dict(group_weighting='pi_old', beta=0.05)
+    assert_close(fused(x, REWARDS['acc+uni'], 'native', **opts),
+                 reference(x, REWARDS['acc+uni'], **opts), 1e-12)
+
+
+def test_kernel_equals_torch_implementation_float32(build) -> None:
+    x = inputs(5, 4, 21, (30, 30), torch.float32, True, True, True, True)
+    opts = dict(group_weighting='pi_old', beta=0.1)
+    assert_close(fused(x, REWARDS['acc+uni'], 'native', **opts),
+                 fused(x, REWARDS['acc+uni'], 'torch', **opts), 1e-5)
+
+
+def test_threads_split_the_queries_without_changing_the_result(monkeypatch) -> None:
+    x = inputs(2, 2, 21, (160, 160), torch.float32, True, False, False, False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused(x, REWARDS['acc+uni'], 'native', group_weighting='pi_old')
+        torch.set_num_threads(3)
+        calls = []
+        run = native._objective_cpu.objective
+
+        def counted(*args):
+            calls.append(args[11:13])
+            return run(*args)
+
+        monkeypatch.setattr(native._objective_cpu, 'objective', counted, raising=False)
+        three = fused(x, REWARDS['acc+uni'], 'native', group_weighting='pi_old')
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(calls) == [(0, 17066), (17066, 34133), (34133, 51200)]
+    torch.testing.assert_close(three[1], one[1], rtol=0, atol=0)  # per query: bit-identical
+    assert abs(float(three[0]) - float(one[0])) <= 1e-6
+
+
+def test_which_calls_take_the_kernel(monkeypatch) -> None:
+    calls = []
+    run = native.run
+    monkeypatch.setattr(native, 'run', lambda *a, **k: calls.append(1) or run(*a, **k))
+    x = inputs(0, 6, 4, (), torch.float32, False, False, False, False)
+
+    def takes(rewards=REWARDS['acc+uni'], kernel='auto', logits=None, **opts) -> bool:
+        calls.clear()
+        y = dict(x, logits=x['logits'] if logits is None else logits)
+        fused(y, rewards, kernel, **opts)
+        return bool(calls)
+
+    assert takes() and takes(REWARDS['weighted classes'])
+    assert takes(group_weighting='uniform') and takes(logits=x['logits'].double())
+    assert not takes(group_weighting='sampled')
+    assert not takes(kernel='torch')
+    assert not takes(logits=x['logits'].bfloat16())
+    assert not takes([lambda p, y: torch.zeros_like(p)])        # a custom reward callable
+
+    class Doubled(AccuracyReward):                             # its own __call__: not the core's
+        def __call__(self, probs, labels, valid=None):
+            return 2 * super().__call__(probs, labels, valid)
+
+    assert Doubled().fused_term is None and not takes([Doubled()])
+    assert AccuracyReward(weight=0.5).fused_term == ('accuracy', 0.5)
+    with pytest.raises(ValueError, match="kernel='native' does not cover this call"):
+        takes(kernel='native', group_weighting='sampled')
+    with pytest.raises(ValueError, match="kernel='cuda' is unknown"):
+        takes(kernel='cuda')
+
+
+@pytest.mark.parametrize('case', ['label', 'nan logit', 'inf old', 'nan weight'])
+def test_bad_inputs_raise_the_reference_errors(build, case) -> None:
+    x = inputs(0, 5, 4, (), torch.float32, True, False, True, False)
+    if case == 'label':
+        x['labels'][2] = 7
+    elif case == 'nan logit':
+        x['logits'][1, 2] = float('nan')
+    elif case == 'inf old':
+        x['old_logits'][3, 0] = float('inf')
+    else:
+        x['weight'][0] = float('nan')
+        x['labels'][0] = 1
+    with pytest.raises(ValueError) as want:
+        reference(x, REWARDS['acc+uni'])
+    with pytest.raises(ValueError) as got:
+        fused(x, REWARDS['acc+uni'], 'native')
+    assert str(got.value) == str(want.value)
+
+
+def test_all_ignored_batch_is_a_connected_zero(build) -> None:
+    x = inputs(0, 2, 21, (8, 8), torch.float32, False, False, False, False)
+    x['labels'].fill_(255)
+    loss, grad, diag = fused(x, REWARDS['acc+uni'], 'native')
+    assert float(loss) == 0.0 and not grad.any() and float(diag['grpo_queries']) == 0.0

@@ -1,5 +1,10 @@
 """The GRPO-RM objective fused: chunked, closed-form gradient, one host sync. Plain torch.
 
+On the CPU the default (``kernel='auto'``) hands the calls it covers to a compiled kernel
+(:mod:`.native`: float32/float64 logits, 'uniform' / 'pi_old' weightings, the core rewards)
+that computes the same formulas in one pass per tile of queries; everything below describes
+the torch implementation, which runs everywhere else (CUDA tensors among them).
+
 :func:`grpo_rm_loss_fused` computes what :func:`.objective.grpo_rm_loss` (the straightforward
 reference, kept as the test oracle) computes, for every registered group weighting ('uniform',
 'pi_old', 'sampled') and surrogate ('clip', 'dual_clip'), at a fraction of its memory:

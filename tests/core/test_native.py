@@ -219,3 +219,18 @@ def test_all_ignored_batch_is_a_connected_zero(build) -> None:
     x['labels'].fill_(255)
     loss, grad, diag = fused(x, REWARDS['acc+uni'], 'native')
     assert float(loss) == 0.0 and not grad.any() and float(diag['grpo_queries']) == 0.0
+
+
+@pytest.mark.parametrize('adv_scale', ['std', 'none'])
+def test_two_outputs_uniformity_is_exactly_flat(build, adv_scale) -> None:
+    """With C = 2 the uniformity reward's share p / mass is exactly 1 (reward 0) in the
+    reference; the kernel divides as it does (a reciprocal would leave a rounding residue and
+    with it a group that is not flat)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 2, generator=g, dtype=torch.float64) * 0.1
+    x = dict(logits=z, labels=torch.randint(0, 2, (16, ), generator=g),
+             old_logits=z + 40 * torch.randn(16, 2, generator=g, dtype=torch.float64),
+             ref_logits=None, weight=None, valid=None)
+    rewards = [uniformity_reward, confidence_penalty_reward]
+    assert_close(fused(x, rewards, 'native', adv_scale=adv_scale),
+                 reference(x, rewards, adv_scale=adv_scale), 1e-12)

@@ -312,18 +312,20 @@ GRPO_INLINE void run_tile(const Problem& P, Tile<R>& w, Sums& out, int64_t base,
   for (int64_t j = 0; j < J; ++j) {
     const V y = ys[j];
     // rewards from pi_old, and their statistics under the group weights
-    V base_uni = zero, den = one;  // den: 1 / the wrong-class mass
+    // den: the wrong-class mass; divided by, not multiplied by its reciprocal, so that
+    // p / mass is exactly 1 where the reference's is (C = 2: a flat group)
+    V base_uni = zero, den = one;
     if (dense_reward) {
       V mass = zero;
       for (int64_t k = 0; k < C; ++k) mass += y == R(k) ? zero : op[k * J + j];
       base_uni = mass > 0 ? V{} + R(1) / R(C - 1) : zero;
-      den = R(1) / vmax(mass, V{} + tiny);
+      den = vmax(mass, V{} + tiny);
     }
     V rmax = -inf, rmin = inf, total = zero, wsum = zero, high = -inf, low = inf, rq = zero;
     for (int64_t k = 0; k < C; ++k) {
       const V o = op[k * J + j];
       V rk = zero;
-      if (dense_reward) rk = y == R(k) ? zero : (base_uni - o * den) * cu - o * cc;
+      if (dense_reward) rk = y == R(k) ? zero : (base_uni - o / den) * cu - o * cc;
       rk = y == R(k) ? rk + ca : rk;
       r[k * J + j] = rk;
       rmax = vmax(rmax, rk);

@@ -129,7 +129,12 @@ def test_fused_equals_reference_float64(kernel, seed, n, c, spatial, weighting, 
                 clip_eps_high=high, dual_clip_c=1.5)
     ref_out, fused_out = run_both(z, labels, old, ref, weight, REWARD_SETS[rewards],
                                   chunk_size=chunk, kernel=kernel, **opts)
-    assert_match(ref_out, fused_out, rtol=1e-12, n_terms=int((labels != 255).sum()))
+    # the compiled kernel's exponentials are the C library's, the reference's torch's (each
+    # within an ulp): on the ill-conditioned inputs drawn here (pi_old logits 40 apart make
+    # Kish's n / (n - 1) ~1e3 and losses that are cancellations) the two agree to ~1e-10;
+    # tests/core/test_native.py checks the kernel at 1e-12 on well-conditioned inputs
+    rtol = 1e-12 if kernel == 'torch' or weighting == 'sampled' else 1e-9
+    assert_match(ref_out, fused_out, rtol=rtol, n_terms=int((labels != 255).sum()))
 
 
 @pytest.mark.parametrize('kernel', ['torch', 'auto'])

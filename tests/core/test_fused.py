@@ -105,7 +105,10 @@ def assert_match(ref, fused, rtol: float, n_terms: int) -> None:
 # 'auto' takes the compiled CPU kernel for the weightings it covers ('uniform', 'pi_old') and
 # the torch implementation for 'sampled'; 'torch' always the torch implementation
 @pytest.mark.parametrize('kernel', ['torch', 'auto'])
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized (as tests/core/test_properties.py): the same examples on every run, so that a
+# run-to-run exploration of float rounding corners cannot flip CI
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 9), c=st.integers(2, 9),
        spatial=st.sampled_from([(), (1, ), (3, 4), (5, )]),
        weighting=st.sampled_from(WEIGHTINGS), surrogate=st.sampled_from(SURROGATES),
@@ -138,7 +141,7 @@ def test_fused_equals_reference_float64(kernel, seed, n, c, spatial, weighting, 
 
 
 @pytest.mark.parametrize('kernel', ['torch', 'auto'])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 10_000), weighting=st.sampled_from(WEIGHTINGS),
        surrogate=st.sampled_from(SURROGATES), old_scale=st.sampled_from([None, 0.1, 1.0]),
        beta=st.sampled_from([0.0, 0.2]))

@@ -216,12 +216,10 @@ GRPO_INLINE bool softmax(const typename Simd<R>::V* __restrict x,
       finite &= chk[i] == R(0);
       lse[i] = std::log(total[i]);
     }
-    // divided, not multiplied by a reciprocal: the torch path's and the reference's rounding,
-    // which the ill-conditioned statistics (Kish's n / (n - 1) for a nearly one-hot pi_old)
-    // would otherwise amplify
+    const V inv_total = R(1) / total;
     for (int64_t k = 0; k < C; ++k) {
       lp[k * J + j] -= lse;
-      p[k * J + j] /= total;
+      p[k * J + j] *= inv_total;
     }
   }
   return finite;
@@ -362,9 +360,10 @@ GRPO_INLINE void run_tile(const Problem& P, Tile<R>& w, Sums& out, int64_t base,
     } else {
       V mag = vmax(rmax - mean, mean - rmin);
       mag = mag > 0 ? mag : one;
+      const V inv_mag = R(1) / mag;
       V var = zero, sumw2 = zero;
       for (int64_t k = 0; k < C; ++k) {
-        const V unit = (r[k * J + j] - mean) / mag;
+        const V unit = (r[k * J + j] - mean) * inv_mag;
         a[k * J + j] = unit;
         if (pi_old) {
           const V o = op[k * J + j];

@@ -31,8 +31,8 @@ class OptionalBuildExt(build_ext):
 
 # No torch headers: the kernel takes data pointers, so it builds in seconds with any C++17
 # compiler and does not depend on the torch version it runs with. One build per vector width:
-# the portable one (16-byte vectors: SSE2, NEON) and, on x86-64, AVX2 + FMA; the package
-# imports the widest one the CPU runs (grpo_rm_mm/core/native.py).
+# the portable one (16-byte vectors: SSE2, NEON) and, on x86-64, AVX2 + FMA and AVX-512; the
+# package imports the widest one the CPU runs (grpo_rm_mm/core/native.py).
 def kernel(name: str, vector_bytes: int, flags: list[str]) -> Extension:
     return Extension(
         f'grpo_rm_mm.core.{name}', sources=['grpo_rm_mm/core/csrc/objective_cpu.cpp'],
@@ -45,6 +45,8 @@ def kernel(name: str, vector_bytes: int, flags: list[str]) -> Extension:
 kernels = [kernel('_objective_cpu', 16, [])]
 if platform.machine().lower() in ('x86_64', 'amd64'):
     kernels.append(kernel('_objective_cpu_avx2', 32, ['-mavx2', '-mfma']))
+    kernels.append(kernel('_objective_cpu_avx512', 64, ['-mavx512f', '-mavx512dq', '-mavx512bw',
+                                                        '-mavx512vl', '-mfma']))
 
 version = re.search(r"__version__ = '([^']+)'",
                     (HERE / 'grpo_rm_mm' / 'version.py').read_text()).group(1)

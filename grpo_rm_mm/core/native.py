@@ -28,6 +28,7 @@ kernel releases the GIL); each range returns its own sums, added in range order.
 """
 from __future__ import annotations
 
+import importlib
 import threading
 from dataclasses import dataclass
 
@@ -39,12 +40,15 @@ try:
 except ImportError:  # built without a compiler: the torch implementation is used
     _objective_cpu = None
 else:
-    # the same kernel with 8-float vectors, where the CPU runs it (several times faster)
-    if _objective_cpu.cpu_has_avx2_fma():
-        try:
-            from . import _objective_cpu_avx2 as _objective_cpu  # type: ignore[attr-defined]
-        except ImportError:
-            pass
+    # the same kernel with wider vectors, the widest build the CPU runs
+    for _build, _supported in (('_objective_cpu_avx512', _objective_cpu.cpu_has_avx512),
+                               ('_objective_cpu_avx2', _objective_cpu.cpu_has_avx2_fma)):
+        if _supported():
+            try:
+                _objective_cpu = importlib.import_module(f'.{_build}', __package__)
+                break
+            except ImportError:  # not built (a compiler without the instruction set)
+                pass
 
 __all__ = ['AVAILABLE', 'KERNEL_REWARDS', 'KernelPlan', 'kernel_reward_terms', 'plan', 'run']
 
@@ -55,6 +59,9 @@ KERNEL_WEIGHTINGS = {'uniform': 0, 'pi_old': 1}
 KERNEL_SURROGATES = {'clip': 0, 'dual_clip': 1}
 #: elements (queries x C) per thread below which a call is not split
 MIN_ELEMENTS_PER_THREAD = 1 << 18
+#: outputs from which a query's outputs, when adjacent (S == 1), are one query's vectors (the
+#: kernel's row layout) rather than one output of a tile of queries (its tile layout)
+ROW_MIN_CLASSES = 64
 
 
 def kernel_reward_terms(rewards: object) -> tuple[float, float, float] | None:
@@ -129,8 +136,9 @@ def run(kp: KernelPlan, grad: Tensor, *, ignore_index: int | None, weighting: st
     n_valid = _objective_cpu.count(kp.y.data_ptr(), _ptr(kp.valid), queries, has_ignore,
                                    ignore)
     kappa = -1.0 / max(n_valid, 1)
+    rows = s == 1 and c >= ROW_MIN_CLASSES
     args = (kp.z.dtype == torch.float64, kp.z.data_ptr(), _ptr(kp.old), _ptr(kp.ref),
-            kp.y.data_ptr(), _ptr(kp.valid), _ptr(kp.weight), grad.data_ptr(), b, c, s)
+            kp.y.data_ptr(), _ptr(kp.valid), _ptr(kp.weight), grad.data_ptr(), c, s, rows)
     options = (has_ignore, ignore, KERNEL_WEIGHTINGS[weighting], KERNEL_SURROGATES[surrogate],
                float(eps_low), float(eps_high), float(dual_clip_c), float(beta),
                adv_std == 'unbiased', adv_scale == 'none', float(adv_eps), *kp.rewards,
@@ -150,7 +158,7 @@ def run(kp: KernelPlan, grad: Tensor, *, ignore_index: int | None, weighting: st
         worker.join()
     bad = False
     sums = [0.0] * 8
-    for _counted, bad_label, nonfinite, part in results:
+    for bad_label, nonfinite, part in results:
         bad |= bool(bad_label or nonfinite)
         sums = [a + v for a, v in zip(sums, part)]
     return n_valid, bad, sums

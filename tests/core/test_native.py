@@ -23,15 +23,18 @@ pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason='the CPU kernel was
 
 
 def _builds() -> list[str]:
-    """The kernel builds this CPU runs: the portable one and, where supported, AVX2 + FMA."""
+    """The kernel builds this CPU runs: the portable one and, where supported and built, AVX2 +
+    FMA and AVX-512."""
     names = ['_objective_cpu']
     portable = importlib.import_module('grpo_rm_mm.core._objective_cpu')
-    if portable.cpu_has_avx2_fma():
-        try:
-            importlib.import_module('grpo_rm_mm.core._objective_cpu_avx2')
-            names.append('_objective_cpu_avx2')
-        except ImportError:
-            pass
+    for name, supported in (('_objective_cpu_avx2', portable.cpu_has_avx2_fma),
+                            ('_objective_cpu_avx512', portable.cpu_has_avx512)):
+        if supported():
+            try:
+                importlib.import_module(f'grpo_rm_mm.core.{name}')
+                names.append(name)
+            except ImportError:
+                pass
     return names
 
 
@@ -39,6 +42,14 @@ def _builds() -> list[str]:
 def build(request, monkeypatch):
     monkeypatch.setattr(native, '_objective_cpu',
                         importlib.import_module(f'grpo_rm_mm.core.{request.param}'))
+    return request.param
+
+
+@pytest.fixture(params=['tiles', 'rows'])
+def layout(request, monkeypatch):
+    """The kernel's layout where a query's outputs are adjacent (S == 1): tiles of queries or
+    one query's outputs as vectors (rows; the default from native.ROW_MIN_CLASSES outputs)."""
+    monkeypatch.setattr(native, 'ROW_MIN_CLASSES', 2 if request.param == 'rows' else 1 << 62)
     return request.param
 
 
@@ -106,7 +117,7 @@ REWARDS = {
 @pytest.mark.parametrize('dtype, rtol', [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize('weighting', ['uniform', 'pi_old'])
 @pytest.mark.parametrize('surrogate', ['clip', 'dual_clip'])
-def test_kernel_equals_reference(build, dtype, rtol, weighting, surrogate) -> None:
+def test_kernel_equals_reference(build, layout, dtype, rtol, weighting, surrogate) -> None:
     for i, (shape, old, ref, weight, valid, adv, rewards) in enumerate(itertools.product(
             [(37, 5, ()), (3, 7, (9, 11)), (2, 21, (40, ))], [False, True], [False, True],
             [False, True], [False, True],
@@ -124,10 +135,10 @@ def test_kernel_equals_reference(build, dtype, rtol, weighting, surrogate) -> No
 
 
 @pytest.mark.parametrize('shape', [(1, 3), (17, 4), (300, 1000), (2, 3, 1), (2, 5, 77, 3),
-                                   (1, 2, 1000)])
-def test_tile_boundaries(build, shape) -> None:
+                                   (1, 2, 1000), (9, 64), (9, 67), (5, 16), (5, 33)])
+def test_tile_boundaries(build, layout, shape) -> None:
     """Partial tiles, one query, C = 1000 (the smallest tile), images shorter and longer
-    than a tile."""
+    than a tile; rows of whole vectors and rows with a partial last vector."""
     x = inputs(1, shape[0], shape[1], tuple(shape[2:]), torch.float64, True, True, True, False)
     opts = dict(group_weighting='pi_old', beta=0.05)
     assert_close(fused(x, REWARDS['acc+uni'], 'native', **opts),
@@ -196,7 +207,7 @@ def test_which_calls_take_the_kernel(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize('case', ['label', 'nan logit', 'inf old', 'nan weight'])
-def test_bad_inputs_raise_the_reference_errors(build, case) -> None:
+def test_bad_inputs_raise_the_reference_errors(build, layout, case) -> None:
     x = inputs(0, 5, 4, (), torch.float32, True, False, True, False)
     if case == 'label':
         x['labels'][2] = 7
@@ -214,15 +225,36 @@ def test_bad_inputs_raise_the_reference_errors(build, case) -> None:
     assert str(got.value) == str(want.value)
 
 
-def test_all_ignored_batch_is_a_connected_zero(build) -> None:
-    x = inputs(0, 2, 21, (8, 8), torch.float32, False, False, False, False)
+@pytest.mark.parametrize('shape', [(2, 21, (8, 8)), (6, 100, ())])
+def test_all_ignored_batch_is_a_connected_zero(build, layout, shape) -> None:
+    x = inputs(0, shape[0], shape[1], shape[2], torch.float32, False, False, False, False)
     x['labels'].fill_(255)
     loss, grad, diag = fused(x, REWARDS['acc+uni'], 'native')
     assert float(loss) == 0.0 and not grad.any() and float(diag['grpo_queries']) == 0.0
 
 
+@pytest.mark.parametrize('dtype, rtol', [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('surrogate', ['clip', 'dual_clip'])
+def test_ratios_outside_the_clamp_or_of_underflowing_probabilities(build, layout, dtype, rtol,
+                                                                   surrogate) -> None:
+    """The ratio p / p_old is taken where every lane has both probabilities normal and the
+    log ratio inside +-LOG_RATIO_CLAMP; vectors with a lane outside it (a pi_old far from the
+    policy, or probabilities below the smallest normal number) are redone with the clamped
+    log ratio, as the reference computes it. Queries of both kinds are mixed in one call."""
+    g = torch.Generator().manual_seed(3)
+    x = inputs(3, 64, 70, (), dtype, True, False, False, False)
+    z, old = x['logits'], x['old_logits']
+    old[8:16] = z[8:16] + 30 * torch.randn(8, 70, generator=g, dtype=dtype)   # |log ratio| > 20
+    z[20:28] *= 60                                                             # p underflows
+    old[20:28] = z[20:28] + 0.5 * torch.randn(8, 70, generator=g, dtype=dtype)
+    old[40:44] *= 60                                                           # p_old does
+    opts = dict(group_weighting='pi_old', surrogate=surrogate, dual_clip_c=2.0)
+    assert_close(fused(x, REWARDS['acc+uni'], 'native', **opts),
+                 reference(x, REWARDS['acc+uni'], **opts), rtol)
+
+
 @pytest.mark.parametrize('adv_scale', ['std', 'none'])
-def test_two_outputs_uniformity_is_exactly_flat(build, adv_scale) -> None:
+def test_two_outputs_uniformity_is_exactly_flat(build, layout, adv_scale) -> None:
     """With C = 2 the uniformity reward's share p / mass is exactly 1 (reward 0) in the
     reference; the kernel divides as it does (a reciprocal would leave a rounding residue and
     with it a group that is not flat)."""

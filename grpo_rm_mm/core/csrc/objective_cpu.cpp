@@ -24,8 +24,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <new>
 #include <limits>
+#include <new>
+#include <type_traits>
 
 
 // The build compiles this file once per instruction set (setup.py): GRPO_VECTOR_BYTES is the
@@ -60,7 +61,8 @@ struct Problem {
   const uint8_t* valid;  // nullptr: every query
   const void* weight;    // nullptr: u = 1
   void* grad;
-  int64_t B, C, S;
+  int64_t C, S;
+  int rows;  // one query at a time, vectorised across its outputs (S == 1 only)
   int has_ignore;
   int64_t ignore_index;
   int weighting, surrogate;
@@ -74,7 +76,6 @@ struct Problem {
 
 struct Sums {
   double stats[kStats] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t counted = 0;
   int bad_label = 0;
   int nonfinite = 0;
 };
@@ -149,19 +150,391 @@ struct Aligned {
   V* data() const { return ptr; }
 };
 
-// Scratch arrays of one tile of T = J * W queries: (C, J) vectors per output.
+// ---------------------------------------------------------------------------------------------
+// Two layouts of the scratch arrays, one set of formulas (group()):
+//
+// * tiles: a tile of T = J W queries is copied into (C, J) arrays of vectors, a vector holding
+//   one output of W queries; a group is one lane of vector column j, and a reduction over its
+//   outputs is a sum of vectors over k, each lane its own query's;
+// * rows (S == 1 with many outputs, where a tile would leave the L1 cache and its transposes
+//   cost more than the arithmetic): one query's C outputs are CV vectors, the last holding
+//   C - (CV - 1) W of them (its other lanes masked out of every reduction); a reduction over
+//   the group is a horizontal one, splat to every lane.
+//
+// Per group, five passes over the outputs: maxima; exponentials (with the sums of the softmax
+// and the rewards' wrong-class mass); rewards and their extremes and weighted mean; advantages
+// in units of their scale with the surrogate, its gradient and the variance (the scale,
+// 1 / (std + eps), multiplies the surrogate's terms afterwards: the clip's comparisons do not
+// depend on it); the gradient through the log-softmax.
+
+template <typename V>
+GRPO_INLINE auto hsum(V v) {
+  auto s = v[0];
+  for (int i = 1; i < int(sizeof(V) / sizeof(s)); ++i) s += v[i];
+  return s;
+}
+template <typename V>
+GRPO_INLINE auto hmax(V v) {
+  auto s = v[0];
+  for (int i = 1; i < int(sizeof(V) / sizeof(s)); ++i) s = s > v[i] ? s : v[i];
+  return s;
+}
+template <typename V>
+GRPO_INLINE auto hmin(V v) {
+  auto s = v[0];
+  for (int i = 1; i < int(sizeof(V) / sizeof(s)); ++i) s = s < v[i] ? s : v[i];
+  return s;
+}
+
+// Scratch arrays: raw logits of z, pi_old, pi_ref; exponentials of z and pi_old; rewards;
+// the surrogate's gradient and the KL's.
 template <typename R>
-struct Tile {
+struct Scratch {
   using V = typename Simd<R>::V;
-  int64_t C, J;
-  Aligned<V> x, lp, p, olp, op, rlp, r, a, g;
-  Tile(int64_t c, int64_t j)
-      : C(c), J(j), x(c * j), lp(c * j), p(c * j), olp(c * j), op(c * j), rlp(c * j),
-        r(c * j), a(c * j), g(c * j) {}
+  Aligned<V> xz, xo, xr, ez, eo, r, g, gkl;
+  explicit Scratch(int64_t n) : xz(n), xo(n), xr(n), ez(n), eo(n), r(n), g(n), gkl(n) {}
 };
 
-// Vectors per query row of a tile: about 4096 elements per (C, T) array (the tile's dozen
-// arrays stay in L2), at least one and at most 256 / W vectors.
+// Where a group's outputs are in the scratch arrays, and how a reduction over them is done.
+template <typename R, bool kRows>
+struct Layout {
+  using V = typename Simd<R>::V;
+  using M = typename Simd<R>::M;
+  static constexpr int W = Simd<R>::W;
+  int64_t n;       // vectors per group: C (tiles), CV (rows)
+  int64_t stride;  // tiles: J
+  int64_t j;       // tiles: the group's vector column
+  M tail{};        // rows: the last vector's lanes below C
+  V lane{};        // rows: 0, 1, ..., W - 1
+
+  // body(e, k, last) for the group's vectors: e its index in the arrays, k its output (tiles)
+  // or vector (rows) index, last a std::bool_constant marking the masked final vector.
+  template <typename F>
+  GRPO_INLINE void each(F&& body) const {
+    if constexpr (kRows) {
+      for (int64_t k = 0; k + 1 < n; ++k) body(k, k, std::false_type{});
+      body(n - 1, n - 1, std::true_type{});
+    } else {
+      for (int64_t k = 0; k < n; ++k) body(k * stride + j, k, std::false_type{});
+    }
+  }
+  // v, or fill on the lanes past C of the last vector
+  template <typename Last>
+  GRPO_INLINE V masked(V v, V fill, Last) const {
+    if constexpr (Last::value) return tail ? v : fill;
+    return v;
+  }
+  template <typename Last>
+  GRPO_INLINE M masked(M m, Last) const {
+    if constexpr (Last::value) return m & tail;
+    return m;
+  }
+  GRPO_INLINE V sum(V v) const {
+    if constexpr (kRows) return V{} + hsum(v);
+    return v;
+  }
+  GRPO_INLINE V max(V v) const {
+    if constexpr (kRows) return V{} + hmax(v);
+    return v;
+  }
+  GRPO_INLINE V min(V v) const {
+    if constexpr (kRows) return V{} + hmin(v);
+    return v;
+  }
+  // the output index of each lane of vector k
+  GRPO_INLINE V output(int64_t k) const {
+    if constexpr (kRows) return lane + R(k * W);
+    return V{} + R(k);
+  }
+};
+
+// One vector of groups (tiles: W queries; rows: one query): its loss terms, diagnostics' sums
+// and gradient (into w.g). y: labels (class 0 for the uncounted), u: query weights (0 for the
+// uncounted), counted: 1 / 0 per lane.
+template <typename R, bool kRows>
+GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& L,
+                       typename Simd<R>::V yv, typename Simd<R>::V u,
+                       typename Simd<R>::V counted, Sums& out, double sums[kStats]) {
+  using V = typename Simd<R>::V;
+  using M = typename Simd<R>::M;
+  constexpr int W = Simd<R>::W;
+  constexpr int kLanes = kRows ? 1 : W;  // distinct groups in a vector
+  const int64_t C = P.C;
+  const bool old_given = P.old != nullptr, ref_given = P.ref != nullptr;
+  const bool pi_old = P.weighting == kPiOld, dual = P.surrogate == kDualClip;
+  const bool dense_reward = P.r_uni != 0 || P.r_conf != 0;
+  const bool kl_grad = ref_given && P.beta > 0;
+  const R inf = std::numeric_limits<R>::infinity();
+  const R tiny = std::numeric_limits<R>::min();
+  const R eps = std::numeric_limits<R>::epsilon();
+  const V zero = V{}, one = V{} + R(1), ninf = zero - inf, pinf = zero + inf;
+  const V* const xz = w.xz.data();
+  const V* const xo = w.xo.data();
+  const V* const xr = w.xr.data();
+  V* const ez = w.ez.data();
+  V* const eo = old_given ? w.eo.data() : ez;  // pi_old's exponentials
+  V* const r = w.r.data();
+  V* const g = w.g.data();
+  V* const gkl = w.gkl.data();
+
+  // maxima, and the finite test (x * 0 is NaN for a NaN or infinite x)
+  V mz = ninf, mo = ninf, mr = ninf, chk = zero;
+  L.each([&](int64_t e, int64_t, auto last) {
+    chk += xz[e] * R(0);
+    mz = vmax(mz, L.masked(xz[e], ninf, last));
+    if (old_given) {
+      chk += xo[e] * R(0);
+      mo = vmax(mo, L.masked(xo[e], ninf, last));
+    }
+    if (ref_given) {
+      chk += xr[e] * R(0);
+      mr = vmax(mr, L.masked(xr[e], ninf, last));
+    }
+  });
+  chk = L.sum(chk);
+  for (int i = 0; i < kLanes; ++i) out.nonfinite |= chk[i] != R(0);
+  mz = L.max(mz);
+  mo = old_given ? L.max(mo) : mz;
+  mr = L.max(mr);
+
+  // exponentials, the softmax sums and the wrong-class mass of pi_old (the rewards')
+  V tz = zero, to = zero, tr = zero, mass = zero;
+  L.each([&](int64_t e, int64_t k, auto last) {
+    const V ezk = L.masked(vexp(xz[e] - mz), zero, last);
+    ez[e] = ezk;
+    tz += ezk;
+    V eok = ezk;
+    if (old_given) {
+      eok = L.masked(vexp(xo[e] - mo), zero, last);
+      eo[e] = eok;
+      to += eok;
+    }
+    if (ref_given) tr += L.masked(vexp(xr[e] - mr), zero, last);
+    if (dense_reward) mass += L.output(k) == yv ? zero : eok;
+  });
+  tz = L.sum(tz);
+  to = old_given ? L.sum(to) : tz;
+  tr = L.sum(tr);
+  // log p = (x - max) - log(sum), p = e / sum (by the reciprocal), per lane
+  V lz, inv_z, lo, inv_o, lr;
+  for (int i = 0; i < W; ++i) {
+    lz[i] = std::log(tz[i]);
+    lo[i] = old_given ? std::log(to[i]) : lz[i];
+    lr[i] = ref_given ? std::log(tr[i]) : R(0);
+  }
+  inv_z = one / tz;
+  inv_o = old_given ? one / to : inv_z;
+
+  // rewards from pi_old (into r), their extremes and their mean under the group weights.
+  // The uniformity reward divides by the wrong-class mass (not by its reciprocal) so that
+  // p / mass is exactly 1 where the reference's is (C = 2: a flat group).
+  V base_uni = zero, den = one;
+  if (dense_reward) {
+    mass = L.sum(mass) * inv_o;
+    base_uni = mass > 0 ? V{} + R(1) / R(C - 1) : zero;
+    den = vmax(mass, V{} + tiny);
+  }
+  const R cu = R(P.r_uni), cc = R(P.r_conf), ca = R(P.r_acc);
+  V rmax = ninf, rmin = pinf, total = zero, wsum = zero, high = ninf, low = pinf, rq = zero;
+  L.each([&](int64_t e, int64_t k, auto last) {
+    const V o = eo[e] * inv_o;
+    const M is_y = L.output(k) == yv;
+    V rk = zero;
+    if (dense_reward) rk = is_y ? zero : (base_uni - o / den) * cu - o * cc;
+    rk = is_y ? rk + ca : rk;
+    r[e] = rk;
+    rmax = vmax(rmax, L.masked(rk, ninf, last));
+    rmin = vmin(rmin, L.masked(rk, pinf, last));
+    rq += o * rk;
+    if (pi_old) {
+      // the flat test over the outputs with weight only (those past C have none)
+      total += o;
+      high = (o > 0) & (rk > high) ? rk : high;
+      low = (o > 0) & (rk < low) ? rk : low;
+    } else {
+      wsum += L.masked(rk, zero, last);
+    }
+  });
+  rmax = L.max(rmax);
+  rmin = L.min(rmin);
+  rq = L.sum(rq);
+  V mean;
+  M flat;
+  if (pi_old) {
+    total = L.sum(total);
+    const M empty = total <= 0;
+    total = empty ? one : total;
+    mean = rq / total;
+    flat = empty | (L.max(high) <= L.min(low));
+  } else {
+    mean = L.sum(wsum) * R(1.0 / double(C));
+    flat = rmax <= rmin;
+  }
+  // advantages in units of their scale: (r - mean) / max|r - mean| (adv_scale 'none': r - mean)
+  V mag = vmax(rmax - mean, mean - rmin);
+  mag = mag > 0 ? mag : one;
+  const V unit_mul = P.adv_scale_none ? one : one / mag;
+
+  // the surrogate s_i and g_i = kappa u w_i d s_i / d log p_i in units of the scale (the KL's
+  // gradient separately), the variance and the per-group sums. The ratio is p_i / p_old_i, a
+  // division instead of an exponential, where every lane of the vector has both probabilities
+  // normal and the ratio inside the log-ratio clamp (which then passes the gradient
+  // everywhere); otherwise the pass is redone with exp(clamp(log p_i - log p_old_i)), as the
+  // reference computes it. A flat group's advantages are 0: every output is unclipped.
+  const V kq = u * R(P.kappa);
+  const V wt_uniform = V{} + R(1.0 / double(C));
+  const V clip_lo = V{} + (R(1) - R(P.eps_low)), clip_hi = V{} + (R(1) + R(P.eps_high));
+  const V lr_lo = V{} - R(kLogRatioClamp), lr_hi = V{} + R(kLogRatioClamp);
+  const V ratio_lo = V{} + R(std::exp(-kLogRatioClamp));
+  const V ratio_hi = V{} + R(std::exp(kLogRatioClamp));
+  const R dual_c = R(P.dual_c), beta = R(P.beta);
+  V var, sumw2, per_query, g_sum, gkl_sum, active_sum, adv_abs, kl, kl_old, ent, top, top_k;
+  auto surrogate = [&](auto from_probs) -> bool {
+    constexpr bool kFromProbs = decltype(from_probs)::value;
+    var = sumw2 = per_query = g_sum = gkl_sum = active_sum = adv_abs = kl = kl_old = ent = zero;
+    top = ninf;
+    top_k = zero;
+    M outside = M{};
+    L.each([&](int64_t e, int64_t k, auto last) {
+      constexpr bool kLast = decltype(last)::value;
+      const V unit = (r[e] - mean) * unit_mul;
+      const V p = ez[e] * inv_z;
+      const V o = eo[e] * inv_o;
+      const V wt = L.masked(pi_old ? o : wt_uniform, zero, last);
+      if (pi_old) {
+        var += unit * unit * o;
+        sumw2 += o * o;
+      } else {
+        var += L.masked(unit * unit, zero, last);
+      }
+      V gk, s;
+      if (!old_given) {
+        // ratio 1: nothing is clipped, s = A and d s / d log p = A
+        s = unit;
+        gk = unit * wt * kq;
+      } else {
+        V ratio;
+        M passes;
+        if constexpr (kFromProbs) {
+          ratio = p / o;
+          const M in = (p >= tiny) & (o >= tiny) & (ratio >= ratio_lo) & (ratio <= ratio_hi);
+          outside |= ~(kLast ? in | ~L.tail : in);
+          passes = ~M{};
+        } else {
+          const V lratio = ((xz[e] - mz) - lz) - ((xo[e] - mo) - lo);
+          const V cl = vmin(vmax(lratio, lr_lo), lr_hi);
+          ratio = vexp(cl);
+          passes = cl == lratio;  // the log ratio passes the gradient only inside its clamp
+        }
+        ratio = L.masked(ratio, one, last);  // 0 / 0 past C
+        const V unclipped = ratio * unit;
+        const V in_clip = vmin(vmax(ratio, clip_lo), clip_hi);
+        s = vmin(unclipped, in_clip * unit);
+        // the unclipped branch is active iff (ratio - clip(ratio)) A <= 0
+        M active = ((ratio - in_clip) * unit <= 0) | flat;
+        if (dual) {
+          // the floor c A where A < 0: below it, no gradient and s = c A
+          const V floor = unit * dual_c;
+          const M below = (unit < 0) & (floor > s) & ~flat;
+          active = active & ~below;
+          s = below ? floor : s;
+        }
+        active = L.masked(active, last);
+        active_sum += active ? one : zero;
+        gk = active & passes ? unclipped * wt * kq : zero;
+      }
+      per_query += wt * s;
+      g[e] = gk;
+      g_sum += gk;
+      if (ref_given || P.diagnostics) {
+        const V lp = (xz[e] - mz) - lz;
+        if (ref_given) {
+          const V pd = (lp - ((xr[e] - mr) - lr)) * p;
+          kl += pd;
+          if (kl_grad) {
+            const V gkk = (pd + p) * kq * (-beta);
+            gkl[e] = gkk;
+            gkl_sum += gkk;
+          }
+        }
+        if (P.diagnostics) {
+          adv_abs += L.masked(vabs(unit), zero, last);
+          ent -= p * lp;
+          // the first output of the largest log-probability (torch.argmax's choice)
+          const V lpk = L.masked(lp, ninf, last);
+          const M better = lpk > top;
+          top = better ? lpk : top;
+          top_k = better ? L.output(k) : top_k;
+          if (old_given) kl_old += (lp - ((xo[e] - mo) - lo)) * p;
+        }
+      }
+    });
+    bool inside = true;
+    for (int i = 0; i < W; ++i) inside &= outside[i] == 0;
+    return inside;
+  };
+  if (!surrogate(std::true_type{})) surrogate(std::false_type{});
+
+  // the scale of the advantages: 1 / (std + eps / mag) under the group weights
+  var = L.sum(var);
+  sumw2 = L.sum(sumw2);
+  V scale;
+  for (int i = 0; i < W; ++i) {
+    R v;
+    if (pi_old) {
+      v = var[i] / total[i];
+      if (P.adv_unbiased) {
+        const R ess = R(1) / sumw2[i];  // Kish's effective sample size
+        v = v * ess / std::max(ess - R(1), eps);
+      }
+    } else {
+      v = var[i] * R(1.0 / double(C));
+      if (P.adv_unbiased) v = v * (R(C) / std::max(R(C - 1), eps));
+    }
+    scale[i] = flat[i] != 0 ? R(0)
+               : P.adv_scale_none ? R(1)
+                                  : R(1) / (std::sqrt(v) + R(P.adv_eps) / mag[i]);
+  }
+
+  // through the log-softmax: dz_k = g_k - p_k sum_i g_i
+  const V gsum = L.sum(g_sum) * scale + L.sum(gkl_sum);
+  L.each([&](int64_t e, int64_t, auto) {
+    V d = g[e] * scale;
+    if (kl_grad) d += gkl[e];
+    g[e] = d - ez[e] * inv_z * gsum;
+  });
+
+  kl = L.sum(kl);
+  V lq = -(L.sum(per_query) * scale);
+  if (kl_grad) lq += kl * beta;
+  lq *= u;
+  V arg_k = top_k;
+  if (P.diagnostics) {
+    adv_abs = L.sum(adv_abs) * scale;
+    active_sum = L.sum(active_sum);
+    kl_old = L.sum(kl_old);
+    ent = L.sum(ent);
+    if constexpr (kRows) {
+      const V best = L.max(top);
+      arg_k = L.min(top == best ? top_k : pinf);
+    }
+  }
+  for (int i = 0; i < kLanes; ++i) {
+    sums[0] += double(lq[i]);
+    if (counted[i] == 0) continue;
+    sums[4] += double(kl[i]);
+    if (!P.diagnostics) continue;
+    sums[1] += double(rq[i]);
+    sums[2] += double(adv_abs[i]);
+    sums[3] += old_given ? double(R(C) - active_sum[i]) : 0.0;
+    sums[5] += double(kl_old[i]);
+    sums[6] += double(ent[i]);
+    sums[7] += arg_k[i] == yv[i] ? 1.0 : 0.0;
+  }
+}
+
+// Vectors per output of a tile: about 4096 elements per (C, T) array, at least one and at
+// most 256 / W vectors.
 template <typename R>
 int64_t tile_vectors(int64_t C) {
   constexpr int W = Simd<R>::W;
@@ -172,8 +545,8 @@ int64_t tile_vectors(int64_t C) {
 // x (C, J) <- the tile's n queries of src, element (t, k) at src[t * ts + k * ks]; the lanes
 // past n are 0 (finite arithmetic, never counted).
 template <typename R>
-GRPO_INLINE void load(const R* __restrict src, typename Simd<R>::V* __restrict x, int64_t n,
-                      int64_t J, int64_t C, int64_t ts, int64_t ks) {
+GRPO_INLINE void load_tile(const R* __restrict src, typename Simd<R>::V* __restrict x,
+                           int64_t n, int64_t J, int64_t C, int64_t ts, int64_t ks) {
   constexpr int W = Simd<R>::W;
   R* dst = reinterpret_cast<R*>(x);
   const int64_t T = J * W;
@@ -189,303 +562,22 @@ GRPO_INLINE void load(const R* __restrict src, typename Simd<R>::V* __restrict x
   }
 }
 
-// softmax along the outputs of x (C, J): lp = log p, p; returns whether x was finite.
+// Queries [q0, q1) in tiles.
 template <typename R>
-GRPO_INLINE bool softmax(const typename Simd<R>::V* __restrict x,
-                         typename Simd<R>::V* __restrict lp, typename Simd<R>::V* __restrict p,
-                         int64_t J, int64_t C) {
+void run_tiles(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
   using V = typename Simd<R>::V;
   constexpr int W = Simd<R>::W;
-  bool finite = true;
-  for (int64_t j = 0; j < J; ++j) {
-    V mx = x[j], chk = V{};
-    for (int64_t k = 0; k < C; ++k) {
-      mx = vmax(mx, x[k * J + j]);
-      chk += x[k * J + j] * R(0);  // NaN for a NaN or infinite value
-    }
-    V total = V{};
-    for (int64_t k = 0; k < C; ++k) {
-      const V d = x[k * J + j] - mx;
-      const V e = vexp(d);
-      lp[k * J + j] = d;
-      p[k * J + j] = e;
-      total += e;
-    }
-    V lse;
-    for (int i = 0; i < W; ++i) {
-      finite &= chk[i] == R(0);
-      lse[i] = std::log(total[i]);
-    }
-    const V inv_total = R(1) / total;
-    for (int64_t k = 0; k < C; ++k) {
-      lp[k * J + j] -= lse;
-      p[k * J + j] *= inv_total;
-    }
-  }
-  return finite;
-}
-
-template <typename R>
-GRPO_INLINE void run_tile(const Problem& P, Tile<R>& w, Sums& out, int64_t base, int64_t qbase,
-                          int64_t n, int64_t ts, int64_t ks) {
-  using V = typename Simd<R>::V;
-  constexpr int W = Simd<R>::W;
-  const int64_t C = P.C, J = w.J;
+  const int64_t C = P.C, S = P.S, J = tile_vectors<R>(C), T = J * W;
+  Scratch<R> w(C * J);
   const R* z = static_cast<const R*>(P.z);
   const R* old = static_cast<const R*>(P.old);
   const R* ref = static_cast<const R*>(P.ref);
   const R* uw = static_cast<const R*>(P.weight);
   R* grad = static_cast<R*>(P.grad);
-  V* const lp = w.lp.data();
-  V* const p = w.p.data();
-  V* const r = w.r.data();
-  V* const a = w.a.data();
-  V* const g = w.g.data();
-  const bool pi_old = P.weighting == kPiOld;
-  const V zero = V{}, one = V{} + R(1);
-  const V inf = V{} + std::numeric_limits<R>::infinity();
-
-  // per query: counted (m), label (class 0 for the uncounted), weight u
-  V m[256 / W], ys[256 / W], u[256 / W];
-  {
-    R* mm = reinterpret_cast<R*>(m);
-    R* yy = reinterpret_cast<R*>(ys);
-    R* uu = reinterpret_cast<R*>(u);
-    R chk = 0;
-    for (int64_t t = 0; t < J * W; ++t) {
-      bool c = false;
-      int64_t y = 0;
-      R weight = 0;
-      if (t < n) {
-        const int64_t q = qbase + t;
-        y = P.y[q];
-        c = P.valid == nullptr || P.valid[q] != 0;
-        if (P.has_ignore && y == P.ignore_index) c = false;
-        const bool in_range = y >= 0 && y < C;
-        out.bad_label |= c && !in_range;
-        c = c && in_range;
-        if (c && uw != nullptr) {
-          weight = uw[q];
-          chk += weight * R(0);
-        } else {
-          weight = 1;
-        }
-      }
-      mm[t] = c ? R(1) : R(0);
-      yy[t] = c ? R(y) : R(0);
-      uu[t] = c ? weight : R(0);
-      out.counted += c;
-    }
-    out.nonfinite |= chk != R(0);
-  }
-
-  load(z + base, w.x.data(), n, J, C, ts, ks);
-  out.nonfinite |= !softmax<R>(w.x.data(), lp, p, J, C);
-  V* olp = lp;
-  V* op = p;
-  if (old != nullptr) {
-    olp = w.olp.data();
-    op = w.op.data();
-    load(old + base, w.x.data(), n, J, C, ts, ks);
-    out.nonfinite |= !softmax<R>(w.x.data(), olp, op, J, C);
-  }
-  V* rlp = nullptr;
-  if (ref != nullptr) {
-    rlp = w.rlp.data();
-    load(ref + base, w.x.data(), n, J, C, ts, ks);
-    // pi_ref's probabilities are not needed: g, written later, takes them
-    out.nonfinite |= !softmax<R>(w.x.data(), rlp, g, J, C);
-  }
-
-  const R inv_c = R(1) / R(C);
-  const R tiny = std::numeric_limits<R>::min();
-  const R eps = std::numeric_limits<R>::epsilon();
-  const bool dense_reward = P.r_uni != 0 || P.r_conf != 0;
-  const R cu = R(P.r_uni), cc = R(P.r_conf), ca = R(P.r_acc);
-  const bool old_given = old != nullptr;
-  const bool dual = P.surrogate == kDualClip;
-  const V clip_lo = V{} + (R(1) - R(P.eps_low)), clip_hi = V{} + (R(1) + R(P.eps_high));
-  const V lr_lo = V{} - R(kLogRatioClamp), lr_hi = V{} + R(kLogRatioClamp);
-  const R dual_c = R(P.dual_c), beta = R(P.beta);
   double sums[kStats] = {0, 0, 0, 0, 0, 0, 0, 0};
-
-  for (int64_t j = 0; j < J; ++j) {
-    const V y = ys[j];
-    // rewards from pi_old, and their statistics under the group weights
-    // den: the wrong-class mass; divided by, not multiplied by its reciprocal, so that
-    // p / mass is exactly 1 where the reference's is (C = 2: a flat group)
-    V base_uni = zero, den = one;
-    if (dense_reward) {
-      V mass = zero;
-      for (int64_t k = 0; k < C; ++k) mass += y == R(k) ? zero : op[k * J + j];
-      base_uni = mass > 0 ? V{} + R(1) / R(C - 1) : zero;
-      den = vmax(mass, V{} + tiny);
-    }
-    V rmax = -inf, rmin = inf, total = zero, wsum = zero, high = -inf, low = inf, rq = zero;
-    for (int64_t k = 0; k < C; ++k) {
-      const V o = op[k * J + j];
-      V rk = zero;
-      if (dense_reward) rk = y == R(k) ? zero : (base_uni - o / den) * cu - o * cc;
-      rk = y == R(k) ? rk + ca : rk;
-      r[k * J + j] = rk;
-      rmax = vmax(rmax, rk);
-      rmin = vmin(rmin, rk);
-      if (pi_old) {
-        total += o;
-        wsum += o * rk;
-        // the flat test over the outputs with weight only
-        high = (o > 0) & (rk > high) ? rk : high;
-        low = (o > 0) & (rk < low) ? rk : low;
-      } else {
-        wsum += rk;
-        rq += o * rk;
-      }
-    }
-    V mean, flat;
-    if (pi_old) {
-      const auto empty = total <= 0;
-      total = empty ? one : total;
-      mean = wsum / total;
-      flat = empty | (high <= low) ? one : zero;
-      rq = wsum;
-    } else {
-      mean = wsum * inv_c;
-      flat = rmax <= rmin ? one : zero;
-    }
-    // advantages a (C, J): centred / max|centred| (in [-1, 1]) over std + eps / mag
-    V scale = zero;
-    if (P.adv_scale_none) {
-      scale = flat != 0 ? zero : one;
-      for (int64_t k = 0; k < C; ++k) a[k * J + j] = r[k * J + j] - mean;
-    } else {
-      V mag = vmax(rmax - mean, mean - rmin);
-      mag = mag > 0 ? mag : one;
-      const V inv_mag = R(1) / mag;
-      V var = zero, sumw2 = zero;
-      for (int64_t k = 0; k < C; ++k) {
-        const V unit = (r[k * J + j] - mean) * inv_mag;
-        a[k * J + j] = unit;
-        if (pi_old) {
-          const V o = op[k * J + j];
-          var += unit * unit * o;
-          sumw2 += o * o;
-        } else {
-          var += unit * unit;
-        }
-      }
-      for (int i = 0; i < W; ++i) {
-        R v;
-        if (pi_old) {
-          v = var[i] / total[i];
-          if (P.adv_unbiased) {
-            const R ess = R(1) / sumw2[i];  // Kish's effective sample size
-            v = v * ess / std::max(ess - R(1), eps);
-          }
-        } else {
-          v = var[i] * inv_c;
-          if (P.adv_unbiased) v = v * (R(C) / std::max(R(C - 1), eps));
-        }
-        scale[i] = flat[i] != 0 ? R(0) : R(1) / (std::sqrt(v) + R(P.adv_eps) / mag[i]);
-      }
-    }
-
-    // surrogate s_i and g_i = kappa u w_i d s_i / d log p_i (+ the KL's), per-query sums
-    const V kq = u[j] * R(P.kappa);
-    V per_query = zero, active_sum = zero, adv_abs = zero, kl = zero, kl_old = zero,
-      ent = zero, top = -inf;
-    for (int64_t k = 0; k < C; ++k) {
-      const int64_t e = k * J + j;
-      const V adv = a[e] * scale;
-      const V wt = pi_old ? op[e] : V{} + inv_c;
-      V gk, s;
-      if (!old_given) {
-        // ratio 1: nothing is clipped, s = A and d s / d log p = A
-        s = adv;
-        gk = adv * wt * kq;
-      } else {
-        const V lr = lp[e] - olp[e];
-        const V cl = vmin(vmax(lr, lr_lo), lr_hi);
-        const V ratio = vexp(cl);
-        const V unclipped = ratio * adv;
-        const V in_clip = vmin(vmax(ratio, clip_lo), clip_hi);
-        const V clipped_term = in_clip * adv;
-        s = vmin(unclipped, clipped_term);
-        // the unclipped branch is active iff (ratio - clip(ratio)) A <= 0
-        auto active = (ratio - in_clip) * adv <= 0;
-        if (dual) {
-          // the floor c A where A < 0: below it, no gradient and s = c A
-          const V floor = adv * dual_c;
-          const auto below = (adv < 0) & (floor > s);
-          active = active & ~below;
-          s = below ? floor : s;
-        }
-        active_sum += active ? one : zero;
-        // the log ratio passes the gradient only inside its clamp
-        gk = active & (cl == lr) ? unclipped * wt * kq : zero;
-      }
-      per_query += wt * s;
-      if (ref != nullptr) {
-        const V pd = (lp[e] - rlp[e]) * p[e];
-        kl += pd;
-        if (beta > 0) gk += (pd + p[e]) * kq * (-beta);
-      }
-      g[e] = gk;
-      if (P.diagnostics) {
-        adv_abs += vabs(adv);
-        ent -= p[e] * lp[e];
-        top = vmax(top, lp[e]);
-        if (old_given) kl_old += (lp[e] - olp[e]) * p[e];
-      }
-    }
-
-    // through the log-softmax: dz_k = g_k - p_k sum_i g_i
-    V gsum = zero;
-    for (int64_t k = 0; k < C; ++k) gsum += g[k * J + j];
-    for (int64_t k = 0; k < C; ++k) g[k * J + j] -= p[k * J + j] * gsum;
-
-    V lq = -per_query;
-    if (ref != nullptr && P.beta > 0) lq += kl * beta;
-    lq *= u[j];
-    V argk = V{} + R(C);
-    if (P.diagnostics) {
-      for (int64_t k = 0; k < C; ++k)
-        argk = (argk == R(C)) & (lp[k * J + j] >= top) ? V{} + R(k) : argk;
-    }
-    const V mj = m[j];
-    for (int i = 0; i < W; ++i) {
-      sums[0] += double(lq[i]);
-      if (mj[i] == 0) continue;
-      sums[4] += double(kl[i]);
-      if (!P.diagnostics) continue;
-      sums[1] += double(rq[i]);
-      sums[2] += double(adv_abs[i]);
-      sums[3] += old_given ? double(R(C) - active_sum[i]) : 0.0;
-      sums[5] += double(kl_old[i]);
-      sums[6] += double(ent[i]);
-      sums[7] += argk[i] == y[i] ? 1.0 : 0.0;
-    }
-  }
-  for (int i = 0; i < kStats; ++i) out.stats[i] += sums[i];
-
-  // the gradient's n queries
-  const R* src = reinterpret_cast<const R*>(g);
-  R* dst = grad + base;
-  const int64_t T = J * W;
-  if (ts == 1) {
-    for (int64_t k = 0; k < C; ++k) std::memcpy(dst + k * ks, src + k * T, n * sizeof(R));
-  } else {
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t k = 0; k < C; ++k) dst[t * ts + k] = src[k * T + t];
-  }
-}
-
-template <typename R>
-GRPO_INLINE void run_range_impl(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
-  const int64_t C = P.C, S = P.S;
-  Tile<R> w(C, tile_vectors<R>(C));
-  const int64_t T = w.J * Simd<R>::W;
-  int64_t q = q0;
-  while (q < q1) {
+  V m[256 / W], ys[256 / W], u[256 / W];
+  for (int64_t q = q0; q < q1;) {
+    // the tile: n queries from q, element (t, k) at base + t * ts + k * ks
     int64_t n, base, ts, ks;
     if (S == 1) {
       n = std::min(T, q1 - q);
@@ -499,30 +591,138 @@ GRPO_INLINE void run_range_impl(const Problem& P, int64_t q0, int64_t q1, Sums& 
       ts = 1;
       ks = S;
     }
-    run_tile<R>(P, w, out, base, q, n, ts, ks);
+    // per query: counted (m), label (class 0 for the uncounted), weight u (0 for them)
+    R* mm = reinterpret_cast<R*>(m);
+    R* yy = reinterpret_cast<R*>(ys);
+    R* uu = reinterpret_cast<R*>(u);
+    R chk = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      bool c = false;
+      int64_t y = 0;
+      R weight = 1;
+      if (t < n) {
+        y = P.y[q + t];
+        c = P.valid == nullptr || P.valid[q + t] != 0;
+        if (P.has_ignore && y == P.ignore_index) c = false;
+        const bool in_range = y >= 0 && y < C;
+        out.bad_label |= c && !in_range;
+        c = c && in_range;
+        if (c && uw != nullptr) {
+          weight = uw[q + t];
+          chk += weight * R(0);
+        }
+      }
+      mm[t] = c ? R(1) : R(0);
+      yy[t] = c ? R(y) : R(0);
+      uu[t] = c ? weight : R(0);
+    }
+    out.nonfinite |= chk != R(0);
+
+    load_tile(z + base, w.xz.data(), n, J, C, ts, ks);
+    if (old != nullptr) load_tile(old + base, w.xo.data(), n, J, C, ts, ks);
+    if (ref != nullptr) load_tile(ref + base, w.xr.data(), n, J, C, ts, ks);
+    for (int64_t j = 0; j < J; ++j)
+      group<R, false>(P, w, Layout<R, false>{C, J, j}, ys[j], u[j], m[j], out, sums);
+
+    // the gradient's n queries
+    const R* src = reinterpret_cast<const R*>(w.g.data());
+    R* dst = grad + base;
+    if (ts == 1) {
+      for (int64_t k = 0; k < C; ++k) std::memcpy(dst + k * ks, src + k * T, n * sizeof(R));
+    } else {
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t k = 0; k < C; ++k) dst[t * ts + k] = src[k * T + t];
+    }
     q += n;
   }
+  for (int i = 0; i < kStats; ++i) out.stats[i] += sums[i];
+}
+
+// x (CV vectors) <- a row of C values, the lanes past C 0 (finite; masked in group())
+template <typename R>
+GRPO_INLINE void load_row(const R* __restrict src, typename Simd<R>::V* __restrict x,
+                          int64_t C, int64_t CV) {
+  R* dst = reinterpret_cast<R*>(x);
+  std::memcpy(dst, src, C * sizeof(R));
+  std::memset(dst + C, 0, (CV * Simd<R>::W - C) * sizeof(R));
+}
+
+// whether a row of C values is finite (the rows of uncounted queries are only checked)
+template <typename R>
+GRPO_INLINE bool finite_row(const R* __restrict src, int64_t C) {
+  R chk = 0;
+  for (int64_t k = 0; k < C; ++k) chk += src[k] * R(0);
+  return chk == R(0);
+}
+
+// Queries [q0, q1) one at a time (S == 1).
+template <typename R>
+void run_rows(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
+  using V = typename Simd<R>::V;
+  constexpr int W = Simd<R>::W;
+  const int64_t C = P.C, CV = (C + W - 1) / W;
+  Scratch<R> w(CV);
+  Layout<R, true> L{CV, 1, 0};
+  for (int i = 0; i < W; ++i) L.lane[i] = R(i);
+  L.tail = L.lane < R(C - (CV - 1) * W);
+  const R* z = static_cast<const R*>(P.z);
+  const R* old = static_cast<const R*>(P.old);
+  const R* ref = static_cast<const R*>(P.ref);
+  const R* uw = static_cast<const R*>(P.weight);
+  R* grad = static_cast<R*>(P.grad);
+  double sums[kStats] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t y = P.y[q], base = q * C;
+    bool counted = P.valid == nullptr || P.valid[q] != 0;
+    if (P.has_ignore && y == P.ignore_index) counted = false;
+    const bool in_range = y >= 0 && y < C;
+    out.bad_label |= counted && !in_range;
+    if (!(counted && in_range)) {
+      out.nonfinite |= !finite_row(z + base, C) ||
+                       (old != nullptr && !finite_row(old + base, C)) ||
+                       (ref != nullptr && !finite_row(ref + base, C));
+      std::memset(grad + base, 0, C * sizeof(R));
+      continue;
+    }
+    R u = 1;
+    if (uw != nullptr) {
+      u = uw[q];
+      out.nonfinite |= u * R(0) != R(0);
+    }
+    load_row(z + base, w.xz.data(), C, CV);
+    if (old != nullptr) load_row(old + base, w.xo.data(), C, CV);
+    if (ref != nullptr) load_row(ref + base, w.xr.data(), C, CV);
+    group<R, true>(P, w, L, V{} + R(y), V{} + u, V{} + R(1), out, sums);
+    std::memcpy(grad + base, w.g.data(), C * sizeof(R));
+  }
+  for (int i = 0; i < kStats; ++i) out.stats[i] += sums[i];
 }
 
 void run_range_f32(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
-  run_range_impl<float>(P, q0, q1, out);
+  if (P.rows)
+    run_rows<float>(P, q0, q1, out);
+  else
+    run_tiles<float>(P, q0, q1, out);
 }
 
 void run_range_f64(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
-  run_range_impl<double>(P, q0, q1, out);
+  if (P.rows)
+    run_rows<double>(P, q0, q1, out);
+  else
+    run_tiles<double>(P, q0, q1, out);
 }
 
-// objective(double, z, old, ref, y, valid, weight, grad, B, C, S, q0, q1, has_ignore,
+// objective(double, z, old, ref, y, valid, weight, grad, C, S, rows, q0, q1, has_ignore,
 //           ignore_index, weighting, surrogate, eps_low, eps_high, dual_c, beta,
 //           adv_unbiased, adv_scale_none, adv_eps, r_acc, r_uni, r_conf, kappa, diagnostics)
-// -> (counted, bad_label, nonfinite, (8 sums)); pointers are integers (0: absent).
+// -> (bad_label, nonfinite, (8 sums)); pointers are integers (0: absent).
 PyObject* objective(PyObject*, PyObject* args) {
   Problem P{};
   int is_double = 0;
   unsigned long long z, old, ref, y, valid, weight, grad;
-  long long B, C, S, q0, q1, ignore_index;
-  if (!PyArg_ParseTuple(args, "pKKKKKKKLLLLLiLiiddddiidddddp", &is_double, &z, &old, &ref, &y,
-                        &valid, &weight, &grad, &B, &C, &S, &q0, &q1, &P.has_ignore,
+  long long C, S, q0, q1, ignore_index;
+  if (!PyArg_ParseTuple(args, "pKKKKKKKLLpLLiLiiddddiidddddp", &is_double, &z, &old, &ref, &y,
+                        &valid, &weight, &grad, &C, &S, &P.rows, &q0, &q1, &P.has_ignore,
                         &ignore_index, &P.weighting, &P.surrogate, &P.eps_low, &P.eps_high,
                         &P.dual_c, &P.beta, &P.adv_unbiased, &P.adv_scale_none, &P.adv_eps,
                         &P.r_acc, &P.r_uni, &P.r_conf, &P.kappa, &P.diagnostics))
@@ -534,7 +734,6 @@ PyObject* objective(PyObject*, PyObject* args) {
   P.valid = reinterpret_cast<const uint8_t*>(valid);
   P.weight = reinterpret_cast<const void*>(weight);
   P.grad = reinterpret_cast<void*>(grad);
-  P.B = B;
   P.C = C;
   P.S = S;
   P.ignore_index = ignore_index;
@@ -548,8 +747,7 @@ PyObject* objective(PyObject*, PyObject* args) {
   PyObject* stats = PyTuple_New(kStats);
   if (stats == nullptr) return nullptr;
   for (int i = 0; i < kStats; ++i) PyTuple_SET_ITEM(stats, i, PyFloat_FromDouble(out.stats[i]));
-  return Py_BuildValue("LiiN", static_cast<long long>(out.counted), out.bad_label,
-                       out.nonfinite, stats);
+  return Py_BuildValue("iiN", out.bad_label, out.nonfinite, stats);
 }
 
 // count(y, valid, n, has_ignore, ignore_index) -> queries that are valid and not ignored
@@ -579,9 +777,23 @@ PyObject* cpu_has_avx2_fma(PyObject*, PyObject*) {
 #endif
 }
 
+// cpu_has_avx512() -> whether this CPU runs the AVX-512 build (F, DQ, BW, VL) of the kernel
+PyObject* cpu_has_avx512(PyObject*, PyObject*) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return PyBool_FromLong(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("fma"));
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 PyMethodDef kMethods[] = {
     {"cpu_has_avx2_fma", cpu_has_avx2_fma, METH_NOARGS,
      "Whether this CPU runs the AVX2 + FMA build of the kernel."},
+    {"cpu_has_avx512", cpu_has_avx512, METH_NOARGS,
+     "Whether this CPU runs the AVX-512 build of the kernel."},
     {"objective", objective, METH_VARARGS,
      "Loss terms, diagnostics' sums and gradient of a range of queries (unchecked)."},
     {"count", count, METH_VARARGS, "Valid, not ignored queries (unchecked)."},

@@ -9,13 +9,14 @@
 // labels (int64), the valid mask (uint8) and query weights are contiguous (B, S). Queries are
 // (b, s) in that order. A query's C outputs are S elements apart (S == 1: adjacent).
 //
-// Queries are processed in tiles of T: a tile is copied into (C, T) scratch arrays so that
-// every per-output step is a loop over the tile's queries at unit stride, which the compiler
-// vectorises (the exponential is a branch-free polynomial for that reason). Nothing is
-// checked here: the Python caller validates the arguments once (grpo_rm_mm/core/native.py).
-// What the data can make wrong is reported, not raised: a counted label outside [0, C) and a
-// non-finite input value set flags, and the caller then hands the call to the reference
-// implementation, which raises the error.
+// Every per-output step is vectorised: across a tile of queries copied into (C, T) scratch
+// arrays (the tile layout), or across one query's outputs where they are adjacent and many
+// (the row layout); see group(). The exponential is a branch-free polynomial for that reason.
+// Nothing is checked here: the Python caller validates the arguments once
+// (grpo_rm_mm/core/native.py) and chooses the layout. What the data can make wrong is
+// reported, not raised: a counted label outside [0, C) and a non-finite input value set
+// flags, and the caller then hands the call to the reference implementation, which raises
+// the error.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -45,6 +46,7 @@
 #define GRPO_CAT2(a, b) a##b
 #define GRPO_CAT(a, b) GRPO_CAT2(a, b)
 #define GRPO_INLINE inline __attribute__((always_inline))
+#define GRPO_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace {
 
@@ -151,15 +153,15 @@ struct Aligned {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Two layouts of the scratch arrays, one set of formulas (group()):
+// Two layouts, one set of formulas (group()):
 //
 // * tiles: a tile of T = J W queries is copied into (C, J) arrays of vectors, a vector holding
 //   one output of W queries; a group is one lane of vector column j, and a reduction over its
 //   outputs is a sum of vectors over k, each lane its own query's;
 // * rows (S == 1 with many outputs, where a tile would leave the L1 cache and its transposes
-//   cost more than the arithmetic): one query's C outputs are CV vectors, the last holding
-//   C - (CV - 1) W of them (its other lanes masked out of every reduction); a reduction over
-//   the group is a horizontal one, splat to every lane.
+//   cost more than the arithmetic): one query's C outputs are CV vectors read from its rows,
+//   the last holding C - (CV - 1) W of them (its other lanes masked out of every reduction);
+//   a reduction over the group is a horizontal one, splat to every lane.
 //
 // Per group, five passes over the outputs: maxima; exponentials (with the sums of the softmax
 // and the rewards' wrong-class mass); rewards and their extremes and weighted mean; advantages
@@ -186,8 +188,8 @@ GRPO_INLINE auto hmin(V v) {
   return s;
 }
 
-// Scratch arrays: raw logits of z, pi_old, pi_ref; exponentials of z and pi_old; rewards;
-// the surrogate's gradient and the KL's.
+// Scratch arrays: logits of z, pi_old, pi_ref (the tile layout's copies); exponentials of z
+// and pi_old; rewards; the surrogate's gradient and the KL's.
 template <typename R>
 struct Scratch {
   using V = typename Simd<R>::V;
@@ -206,6 +208,10 @@ struct Layout {
   int64_t j;       // tiles: the group's vector column
   M tail{};        // rows: the last vector's lanes below C
   V lane{};        // rows: 0, 1, ..., W - 1
+  int64_t tail_n = 0;                    // rows: C - (n - 1) W
+  const R* in_row[3] = {};               // rows: the query's z, pi_old, pi_ref logits
+  V in_last[3] = {};                     // rows: their last vectors, 0 past C
+  R* grad_row = nullptr;                 // rows: the query's gradient
 
   // body(e, k, last) for the group's vectors: e its index in the arrays, k its output (tiles)
   // or vector (rows) index, last a std::bool_constant marking the masked final vector.
@@ -241,6 +247,28 @@ struct Layout {
     if constexpr (kRows) return V{} + hmin(v);
     return v;
   }
+  // input I (0: z, 1: pi_old, 2: pi_ref) at e: tiles, from the scratch array x; rows, read
+  // from the query's row (its last vector from in_last)
+  template <int I, typename Last>
+  GRPO_INLINE V input(const V* x, int64_t e, Last) const {
+    if constexpr (!kRows) {
+      return x[e];
+    } else if constexpr (Last::value) {
+      return in_last[I];
+    } else {
+      V v;
+      std::memcpy(&v, in_row[I] + e * W, sizeof(V));
+      return v;
+    }
+  }
+  // the gradient at e: tiles, into the scratch array g; rows, into the query's gradient row
+  template <typename Last>
+  GRPO_INLINE void output(V* g, int64_t e, V v, Last) const {
+    if constexpr (!kRows)
+      g[e] = v;
+    else
+      std::memcpy(grad_row + e * W, &v, (Last::value ? tail_n : W) * sizeof(R));
+  }
   // the output index of each lane of vector k
   GRPO_INLINE V output(int64_t k) const {
     if constexpr (kRows) return lane + R(k * W);
@@ -251,7 +279,7 @@ struct Layout {
 // One vector of groups (tiles: W queries; rows: one query): its loss terms, diagnostics' sums
 // and gradient (into w.g). y: labels (class 0 for the uncounted), u: query weights (0 for the
 // uncounted), counted: 1 / 0 per lane.
-template <typename R, bool kRows>
+template <typename R, bool kRows, bool kOld, bool kDiagnostics>
 GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& L,
                        typename Simd<R>::V yv, typename Simd<R>::V u,
                        typename Simd<R>::V counted, Sums& out, double sums[kStats]) {
@@ -260,7 +288,8 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
   constexpr int W = Simd<R>::W;
   constexpr int kLanes = kRows ? 1 : W;  // distinct groups in a vector
   const int64_t C = P.C;
-  const bool old_given = P.old != nullptr, ref_given = P.ref != nullptr;
+  constexpr bool old_given = kOld, diagnostics = kDiagnostics;
+  const bool ref_given = P.ref != nullptr;
   const bool pi_old = P.weighting == kPiOld, dual = P.surrogate == kDualClip;
   const bool dense_reward = P.r_uni != 0 || P.r_conf != 0;
   const bool kl_grad = ref_given && P.beta > 0;
@@ -271,6 +300,9 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
   const V* const xz = w.xz.data();
   const V* const xo = w.xo.data();
   const V* const xr = w.xr.data();
+  auto in_z = [&](int64_t e, auto last) { return L.template input<0>(xz, e, last); };
+  auto in_o = [&](int64_t e, auto last) { return L.template input<1>(xo, e, last); };
+  auto in_r = [&](int64_t e, auto last) { return L.template input<2>(xr, e, last); };
   V* const ez = w.ez.data();
   V* const eo = old_given ? w.eo.data() : ez;  // pi_old's exponentials
   V* const r = w.r.data();
@@ -280,15 +312,18 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
   // maxima, and the finite test (x * 0 is NaN for a NaN or infinite x)
   V mz = ninf, mo = ninf, mr = ninf, chk = zero;
   L.each([&](int64_t e, int64_t, auto last) {
-    chk += xz[e] * R(0);
-    mz = vmax(mz, L.masked(xz[e], ninf, last));
+    const V x = in_z(e, last);
+    chk += x * R(0);
+    mz = vmax(mz, L.masked(x, ninf, last));
     if (old_given) {
-      chk += xo[e] * R(0);
-      mo = vmax(mo, L.masked(xo[e], ninf, last));
+      const V xk = in_o(e, last);
+      chk += xk * R(0);
+      mo = vmax(mo, L.masked(xk, ninf, last));
     }
     if (ref_given) {
-      chk += xr[e] * R(0);
-      mr = vmax(mr, L.masked(xr[e], ninf, last));
+      const V xk = in_r(e, last);
+      chk += xk * R(0);
+      mr = vmax(mr, L.masked(xk, ninf, last));
     }
   });
   chk = L.sum(chk);
@@ -300,16 +335,16 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
   // exponentials, the softmax sums and the wrong-class mass of pi_old (the rewards')
   V tz = zero, to = zero, tr = zero, mass = zero;
   L.each([&](int64_t e, int64_t k, auto last) {
-    const V ezk = L.masked(vexp(xz[e] - mz), zero, last);
+    const V ezk = L.masked(vexp(in_z(e, last) - mz), zero, last);
     ez[e] = ezk;
     tz += ezk;
     V eok = ezk;
     if (old_given) {
-      eok = L.masked(vexp(xo[e] - mo), zero, last);
+      eok = L.masked(vexp(in_o(e, last) - mo), zero, last);
       eo[e] = eok;
       to += eok;
     }
-    if (ref_given) tr += L.masked(vexp(xr[e] - mr), zero, last);
+    if (ref_given) tr += L.masked(vexp(in_r(e, last) - mr), zero, last);
     if (dense_reward) mass += L.output(k) == yv ? zero : eok;
   });
   tz = L.sum(tz);
@@ -388,12 +423,15 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
   const V ratio_lo = V{} + R(std::exp(-kLogRatioClamp));
   const V ratio_hi = V{} + R(std::exp(kLogRatioClamp));
   const R dual_c = R(P.dual_c), beta = R(P.beta);
-  V var, sumw2, per_query, g_sum, gkl_sum, active_sum, adv_abs, kl, kl_old, ent, top, top_k;
-  auto surrogate = [&](auto from_probs) -> bool {
+  struct Pass {
+    V var, sumw2, per_query, g_sum, gkl_sum, active_sum, adv_abs, kl, kl_old, ent, top, top_k;
+    bool inside;  // every ratio was taken from the probabilities
+  };
+  auto surrogate = [&](auto from_probs) GRPO_INLINE_LAMBDA -> Pass {
     constexpr bool kFromProbs = decltype(from_probs)::value;
-    var = sumw2 = per_query = g_sum = gkl_sum = active_sum = adv_abs = kl = kl_old = ent = zero;
-    top = ninf;
-    top_k = zero;
+    V var = zero, sumw2 = zero, per_query = zero, g_sum = zero, gkl_sum = zero,
+      active_sum = zero, adv_abs = zero, kl = zero, kl_old = zero, ent = zero, top = ninf,
+      top_k = zero;
     M outside = M{};
     L.each([&](int64_t e, int64_t k, auto last) {
       constexpr bool kLast = decltype(last)::value;
@@ -421,7 +459,7 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
           outside |= ~(kLast ? in | ~L.tail : in);
           passes = ~M{};
         } else {
-          const V lratio = ((xz[e] - mz) - lz) - ((xo[e] - mo) - lo);
+          const V lratio = ((in_z(e, last) - mz) - lz) - ((in_o(e, last) - mo) - lo);
           const V cl = vmin(vmax(lratio, lr_lo), lr_hi);
           ratio = vexp(cl);
           passes = cl == lratio;  // the log ratio passes the gradient only inside its clamp
@@ -446,10 +484,10 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
       per_query += wt * s;
       g[e] = gk;
       g_sum += gk;
-      if (ref_given || P.diagnostics) {
-        const V lp = (xz[e] - mz) - lz;
+      if (ref_given || diagnostics) {
+        const V lp = (in_z(e, last) - mz) - lz;
         if (ref_given) {
-          const V pd = (lp - ((xr[e] - mr) - lr)) * p;
+          const V pd = (lp - ((in_r(e, last) - mr) - lr)) * p;
           kl += pd;
           if (kl_grad) {
             const V gkk = (pd + p) * kq * (-beta);
@@ -457,7 +495,7 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
             gkl_sum += gkk;
           }
         }
-        if (P.diagnostics) {
+        if (diagnostics) {
           adv_abs += L.masked(vabs(unit), zero, last);
           ent -= p * lp;
           // the first output of the largest log-probability (torch.argmax's choice)
@@ -465,20 +503,23 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
           const M better = lpk > top;
           top = better ? lpk : top;
           top_k = better ? L.output(k) : top_k;
-          if (old_given) kl_old += (lp - ((xo[e] - mo) - lo)) * p;
+          if (old_given) kl_old += (lp - ((in_o(e, last) - mo) - lo)) * p;
         }
       }
     });
     bool inside = true;
     for (int i = 0; i < W; ++i) inside &= outside[i] == 0;
-    return inside;
+    return Pass{var, sumw2, per_query, g_sum, gkl_sum, active_sum, adv_abs, kl, kl_old, ent,
+                top, top_k, inside};
   };
-  if (!surrogate(std::true_type{})) surrogate(std::false_type{});
+  // the exact pass out of line: it is rare, and inlined it would cost the common one registers
+  auto exact = [&]() __attribute__((noinline)) { return surrogate(std::false_type{}); };
+  Pass acc = surrogate(std::true_type{});
+  if (!acc.inside) acc = exact();
 
   // the scale of the advantages: 1 / (std + eps / mag) under the group weights
-  var = L.sum(var);
-  sumw2 = L.sum(sumw2);
-  V scale;
+  const V var = L.sum(acc.var), sumw2 = L.sum(acc.sumw2);
+  V scale = zero;
   for (int i = 0; i < W; ++i) {
     R v;
     if (pi_old) {
@@ -497,33 +538,33 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
   }
 
   // through the log-softmax: dz_k = g_k - p_k sum_i g_i
-  const V gsum = L.sum(g_sum) * scale + L.sum(gkl_sum);
-  L.each([&](int64_t e, int64_t, auto) {
+  const V gsum = L.sum(acc.g_sum) * scale + L.sum(acc.gkl_sum);
+  L.each([&](int64_t e, int64_t, auto last) {
     V d = g[e] * scale;
     if (kl_grad) d += gkl[e];
-    g[e] = d - ez[e] * inv_z * gsum;
+    L.output(g, e, d - ez[e] * inv_z * gsum, last);
   });
 
-  kl = L.sum(kl);
-  V lq = -(L.sum(per_query) * scale);
+  const V kl = L.sum(acc.kl);
+  V lq = -(L.sum(acc.per_query) * scale);
   if (kl_grad) lq += kl * beta;
   lq *= u;
-  V arg_k = top_k;
-  if (P.diagnostics) {
-    adv_abs = L.sum(adv_abs) * scale;
-    active_sum = L.sum(active_sum);
-    kl_old = L.sum(kl_old);
-    ent = L.sum(ent);
+  V arg_k = acc.top_k, adv_abs = zero, active_sum = zero, kl_old = zero, ent = zero;
+  if (diagnostics) {
+    adv_abs = L.sum(acc.adv_abs) * scale;
+    active_sum = L.sum(acc.active_sum);
+    kl_old = L.sum(acc.kl_old);
+    ent = L.sum(acc.ent);
     if constexpr (kRows) {
-      const V best = L.max(top);
-      arg_k = L.min(top == best ? top_k : pinf);
+      const V best = L.max(acc.top);
+      arg_k = L.min(acc.top == best ? acc.top_k : pinf);
     }
   }
   for (int i = 0; i < kLanes; ++i) {
     sums[0] += double(lq[i]);
     if (counted[i] == 0) continue;
     sums[4] += double(kl[i]);
-    if (!P.diagnostics) continue;
+    if (!diagnostics) continue;
     sums[1] += double(rq[i]);
     sums[2] += double(adv_abs[i]);
     sums[3] += old_given ? double(R(C) - active_sum[i]) : 0.0;
@@ -531,6 +572,22 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
     sums[6] += double(ent[i]);
     sums[7] += arg_k[i] == yv[i] ? 1.0 : 0.0;
   }
+}
+
+// body(old_given, diagnostics) with the call's flags as std::bool_constant: group() is
+// compiled for each combination (the common calls, first updates with diagnostics and inner
+// steps without, then have no branch on them in their loops).
+template <typename F>
+GRPO_INLINE void with_flags(const Problem& P, F&& body) {
+  const bool old_given = P.old != nullptr;
+  if (old_given && P.diagnostics)
+    body(std::true_type{}, std::true_type{});
+  else if (old_given)
+    body(std::true_type{}, std::false_type{});
+  else if (P.diagnostics)
+    body(std::false_type{}, std::true_type{});
+  else
+    body(std::false_type{}, std::false_type{});
 }
 
 // Vectors per output of a tile: about 4096 elements per (C, T) array, at least one and at
@@ -622,7 +679,10 @@ void run_tiles(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
     if (old != nullptr) load_tile(old + base, w.xo.data(), n, J, C, ts, ks);
     if (ref != nullptr) load_tile(ref + base, w.xr.data(), n, J, C, ts, ks);
     for (int64_t j = 0; j < J; ++j)
-      group<R, false>(P, w, Layout<R, false>{C, J, j}, ys[j], u[j], m[j], out, sums);
+      with_flags(P, [&](auto old_given, auto diagnostics) {
+        group<R, false, old_given, diagnostics>(P, w, Layout<R, false>{C, J, j}, ys[j], u[j],
+                                                 m[j], out, sums);
+      });
 
     // the gradient's n queries
     const R* src = reinterpret_cast<const R*>(w.g.data());
@@ -636,15 +696,6 @@ void run_tiles(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
     q += n;
   }
   for (int i = 0; i < kStats; ++i) out.stats[i] += sums[i];
-}
-
-// x (CV vectors) <- a row of C values, the lanes past C 0 (finite; masked in group())
-template <typename R>
-GRPO_INLINE void load_row(const R* __restrict src, typename Simd<R>::V* __restrict x,
-                          int64_t C, int64_t CV) {
-  R* dst = reinterpret_cast<R*>(x);
-  std::memcpy(dst, src, C * sizeof(R));
-  std::memset(dst + C, 0, (CV * Simd<R>::W - C) * sizeof(R));
 }
 
 // whether a row of C values is finite (the rows of uncounted queries are only checked)
@@ -661,10 +712,11 @@ void run_rows(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
   using V = typename Simd<R>::V;
   constexpr int W = Simd<R>::W;
   const int64_t C = P.C, CV = (C + W - 1) / W;
-  Scratch<R> w(CV);
+  Scratch<R> w(CV);  // the inputs are read from their rows (xz, xo, xr unused)
   Layout<R, true> L{CV, 1, 0};
   for (int i = 0; i < W; ++i) L.lane[i] = R(i);
-  L.tail = L.lane < R(C - (CV - 1) * W);
+  L.tail_n = C - (CV - 1) * W;
+  L.tail = L.lane < R(L.tail_n);
   const R* z = static_cast<const R*>(P.z);
   const R* old = static_cast<const R*>(P.old);
   const R* ref = static_cast<const R*>(P.ref);
@@ -689,11 +741,19 @@ void run_rows(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
       u = uw[q];
       out.nonfinite |= u * R(0) != R(0);
     }
-    load_row(z + base, w.xz.data(), C, CV);
-    if (old != nullptr) load_row(old + base, w.xo.data(), C, CV);
-    if (ref != nullptr) load_row(ref + base, w.xr.data(), C, CV);
-    group<R, true>(P, w, L, V{} + R(y), V{} + u, V{} + R(1), out, sums);
-    std::memcpy(grad + base, w.g.data(), C * sizeof(R));
+    const R* rows[3] = {z + base, old == nullptr ? nullptr : old + base,
+                        ref == nullptr ? nullptr : ref + base};
+    for (int i = 0; i < 3; ++i) {
+      L.in_row[i] = rows[i];
+      L.in_last[i] = V{};
+      if (rows[i] != nullptr)
+        std::memcpy(&L.in_last[i], rows[i] + (CV - 1) * W, L.tail_n * sizeof(R));
+    }
+    L.grad_row = grad + base;
+    with_flags(P, [&](auto old_given, auto diagnostics) {
+      group<R, true, old_given, diagnostics>(P, w, L, V{} + R(y), V{} + u, V{} + R(1), out,
+                                             sums);
+    });
   }
   for (int i = 0; i < kStats; ++i) out.stats[i] += sums[i];
 }

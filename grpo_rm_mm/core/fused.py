@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import increment_version
 
 from . import native
 from .objective import (
@@ -745,15 +746,26 @@ def _forward(prob: _Problem, generator: torch.Generator | None,
         prob.exact_flat = True
         acc = _Accumulator(device, prob.cdt)
     out['n_valid'], out['delegate'] = n_host, bool(bad_host)
-    # rows 1..7 of the sums -> the reference's diagnostics, in DIAGNOSTIC_KEYS order (Python
-    # scale factors: a tensor of them would be a host-to-device copy)
+    # Python scale factors: a tensor of them would be a host-to-device copy
     means = acc.stats * inv_n
-    scale = (1.0, 1.0 / c, 1.0 / c, 1.0, 1.0, 1.0, 100.0)
-    out['diagnostics'] = ({key: means[i + 1] * f
-                           for i, (key, f) in enumerate(zip(DIAGNOSTIC_KEYS, scale))}
-                          if prob.diagnostics else {})
-    out['diagnostics']['grpo_queries'] = torch.tensor(float(n_host))
+    out['diagnostics'] = _diagnostics(
+        [means[i + 1] * f for i, f in enumerate(_diagnostic_scales(c))], n_host,
+        prob.diagnostics)
     return means[0], grad
+
+
+def _diagnostic_scales(c: int) -> tuple[float, ...]:
+    """Factors from the means of rows 1..7 of the statistics (:class:`_Accumulator`) to the
+    reference's diagnostics, in DIAGNOSTIC_KEYS order."""
+    return (1.0, 1.0 / c, 1.0 / c, 1.0, 1.0, 1.0, 100.0)
+
+
+def _diagnostics(values: Sequence[Tensor], n_valid: int, wanted: bool) -> dict[str, Tensor]:
+    """The returned diagnostics: ``values`` (DIAGNOSTIC_KEYS order) if wanted, and
+    ``grpo_queries``."""
+    out = dict(zip(DIAGNOSTIC_KEYS, values)) if wanted else {}
+    out['grpo_queries'] = torch.tensor(float(n_valid))
+    return out
 
 
 def _forward_native(prob: _Problem, plan: native.KernelPlan, out: dict) -> tuple[Tensor, Tensor]:
@@ -768,12 +780,14 @@ def _forward_native(prob: _Problem, plan: native.KernelPlan, out: dict) -> tuple
     out['n_valid'] = n_valid
     out['delegate'] = bad or not all(map(math.isfinite, sums))
     inv_n = 1.0 / max(n_valid, 1)
-    scale = (1.0, 1.0, 1.0 / c, 1.0 / c, 1.0, 1.0, 1.0, 100.0)
-    means = torch.tensor([v * inv_n * f for v, f in zip(sums, scale)], dtype=prob.cdt)
-    out['diagnostics'] = ({key: means[i + 1] for i, key in enumerate(DIAGNOSTIC_KEYS)}
-                          if prob.diagnostics else {})
-    out['diagnostics']['grpo_queries'] = torch.tensor(float(n_valid))
-    return means[0], grad
+    if prob.diagnostics:
+        means = torch.tensor([sums[0] * inv_n] + [
+            v * inv_n * f for v, f in zip(sums[1:], _diagnostic_scales(c))], dtype=prob.cdt)
+        loss, values = means[0], means[1:]
+    else:
+        loss, values = torch.tensor(sums[0] * inv_n, dtype=prob.cdt), ()
+    out['diagnostics'] = _diagnostics(values, n_valid, prob.diagnostics)
+    return loss, grad
 
 
 class _FusedObjective(torch.autograd.Function):
@@ -794,6 +808,12 @@ class _FusedObjective(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         # scaled in place: the saved gradient is not needed afterwards, and a second backward
         # through the same graph (retain_graph=True) fails autograd's version check on it
-        # instead of reusing a scaled tensor
+        # instead of reusing a scaled tensor. A CPU gradient of a loss backpropagated as is
+        # (grad_loss 1, read without a device sync) is returned unscaled, its version
+        # advanced all the same.
         grad, = ctx.saved_tensors
+        if grad.device.type == 'cpu' and grad_loss.device.type == 'cpu' and float(
+                grad_loss) == 1.0:
+            increment_version(grad)
+            return grad, None, None, None, None
         return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None

@@ -426,6 +426,24 @@ def test_backward_scales_the_saved_gradient_once() -> None:
         loss.backward()
 
 
+@pytest.mark.parametrize('kernel', ['torch', 'auto'])
+def test_backward_of_the_loss_itself_returns_the_saved_gradient(kernel: str) -> None:
+    """grad_loss 1 on the CPU: the saved gradient is returned unscaled (no pass over it), the
+    same values as the reference's, and a second backward is still refused."""
+    z, labels, old, ref, weight = make_inputs(4, 6, 5, (), D, 1.0, 0.5, 0.0, False, False)
+    za = z.clone().requires_grad_(True)
+    loss, _ = grpo_rm_loss_fused(za, labels, REWARD_SETS['acc+uni'], old_logits=old,
+                                 group_weighting='pi_old', kernel=kernel)
+    loss.backward(retain_graph=True)
+    zb = z.clone().requires_grad_(True)
+    ref_loss, _ = grpo_rm_loss(zb, labels, REWARD_SETS['acc+uni'], old_logits=old,
+                               group_weighting='pi_old')
+    ref_loss.backward()
+    torch.testing.assert_close(za.grad, zb.grad, rtol=1e-12, atol=1e-15)
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        loss.backward()
+
+
 @pytest.mark.parametrize('weighting', WEIGHTINGS)
 @pytest.mark.parametrize('surrogate', SURROGATES)
 def test_without_diagnostics_the_loss_and_gradient_are_the_same(weighting: str,

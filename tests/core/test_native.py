@@ -38,6 +38,10 @@ def _builds() -> list[str]:
     return names
 
 
+def test_the_widest_build_the_cpu_runs_is_imported() -> None:
+    assert native._objective_cpu.__name__ == f'grpo_rm_mm.core.{_builds()[-1]}'
+
+
 @pytest.fixture(params=_builds())
 def build(request, monkeypatch):
     monkeypatch.setattr(native, '_objective_cpu',

@@ -2,7 +2,7 @@
 
 On the CPU the default (``kernel='auto'``) hands the calls it covers to a compiled kernel
 (:mod:`.native`: float32/float64 logits, 'uniform' / 'pi_old' weightings, the core rewards)
-that computes the same formulas in one pass per tile of queries; everything below describes
+that computes the same formulas in a few vectorised passes per query; everything below describes
 the torch implementation, which runs everywhere else (CUDA tensors among them).
 
 :func:`grpo_rm_loss_fused` computes what :func:`.objective.grpo_rm_loss` (the straightforward

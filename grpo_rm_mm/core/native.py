@@ -1,9 +1,10 @@
 """The fused objective's compiled CPU kernel (``csrc/objective_cpu.cpp``): its boundary.
 
 The kernel computes, for a range of queries, what one chunk of :func:`.fused._chunk` computes
-(loss terms, the diagnostics' sums and the closed-form gradient) in one pass over the inputs,
-with every per-output step vectorised over a tile of queries; the torch implementation of
-:mod:`.fused` does the same in some thirty separate passes. It covers:
+(loss terms, the diagnostics' sums and the closed-form gradient) in five passes over each
+query's outputs, vectorised either over a tile of queries or, where a query's outputs are
+adjacent (S == 1) and at least :data:`ROW_MIN_CLASSES`, over the query's own outputs; the torch
+implementation of :mod:`.fused` does the same in some thirty separate passes. It covers:
 
 * CPU tensors, float32 or float64 logits (pi_old / pi_ref logits and query weights are cast to
   that dtype, as the torch path computes in it);
@@ -15,9 +16,9 @@ with every per-output step vectorised over a tile of queries; the torch implemen
 
 Anything else (CUDA tensors, bf16/fp16 logits, 'sampled' draws, custom reward callables or a
 reward tensor) takes the torch path; :func:`plan` says which. The kernel is built with the
-package (``setup.py``: a portable build and, on x86-64, an AVX2 + FMA one, imported where the
-CPU runs it); where it could not be built, :data:`AVAILABLE` is False and every call takes the
-torch path.
+package (``setup.py``: a portable build and, on x86-64, AVX2 + FMA and AVX-512 ones; the
+widest the CPU runs is imported); where it could not be built, :data:`AVAILABLE` is False and
+every call takes the torch path.
 
 The kernel checks nothing; :func:`plan` checks its arguments once (device, dtype, layout). A
 counted label outside [0, C) or a non-finite input value is reported back, and the caller then

@@ -179,6 +179,22 @@ def test_threads_split_the_queries_without_changing_the_result(monkeypatch) -> N
     assert abs(float(three[0]) - float(one[0])) <= 1e-6
 
 
+def test_threads_split_the_rows_without_changing_the_result() -> None:
+    """The row layout (a query's outputs adjacent, C >= ROW_MIN_CLASSES) split over threads."""
+    x = inputs(4, 6000, 100, (), torch.float32, True, False, True, False)
+    assert 100 >= native.ROW_MIN_CLASSES
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused(x, REWARDS['acc+uni'], 'native', group_weighting='pi_old')
+        torch.set_num_threads(3)
+        two = fused(x, REWARDS['acc+uni'], 'native', group_weighting='pi_old')
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(two[1], one[1], rtol=0, atol=0)
+    assert abs(float(two[0]) - float(one[0])) <= 1e-6
+
+
 def test_which_calls_take_the_kernel(monkeypatch) -> None:
     calls = []
     run = native.run

@@ -3,7 +3,8 @@
 The kernel computes, for a range of queries, what one chunk of :func:`.fused._chunk` computes
 (loss terms, the diagnostics' sums and the closed-form gradient) in five passes over each
 query's outputs, vectorised either over a tile of queries or, where a query's outputs are
-adjacent (S == 1) and at least :data:`ROW_MIN_CLASSES`, over the query's own outputs; the torch
+adjacent (S == 1) and fill at least :data:`ROW_MIN_VECTORS` vectors, over the query's own
+outputs; the torch
 implementation of :mod:`.fused` does the same in some thirty separate passes. It covers:
 
 * CPU tensors, float32 or float64 logits (pi_old / pi_ref logits and query weights are cast to
@@ -60,9 +61,10 @@ KERNEL_WEIGHTINGS = {'uniform': 0, 'pi_old': 1}
 KERNEL_SURROGATES = {'clip': 0, 'dual_clip': 1}
 #: elements (queries x C) per thread below which a call is not split
 MIN_ELEMENTS_PER_THREAD = 1 << 18
-#: outputs from which a query's outputs, when adjacent (S == 1), are one query's vectors (the
-#: kernel's row layout) rather than one output of a tile of queries (its tile layout)
-ROW_MIN_CLASSES = 64
+#: vectors of the build's width that a query's outputs, when adjacent (S == 1), must fill for
+#: the kernel to vectorise across them (its row layout) rather than across a tile of queries
+#: (its tile layout): the crossover measured with 4-, 8- and 16-float vectors
+ROW_MIN_VECTORS = 16
 
 
 def kernel_reward_terms(rewards: object) -> tuple[float, float, float] | None:
@@ -137,7 +139,7 @@ def run(kp: KernelPlan, grad: Tensor, *, ignore_index: int | None, weighting: st
     n_valid = _objective_cpu.count(kp.y.data_ptr(), _ptr(kp.valid), queries, has_ignore,
                                    ignore)
     kappa = -1.0 / max(n_valid, 1)
-    rows = s == 1 and c >= ROW_MIN_CLASSES
+    rows = s == 1 and c * kp.z.element_size() >= ROW_MIN_VECTORS * _objective_cpu.vector_bytes()
     args = (kp.z.dtype == torch.float64, kp.z.data_ptr(), _ptr(kp.old), _ptr(kp.ref),
             kp.y.data_ptr(), _ptr(kp.valid), _ptr(kp.weight), grad.data_ptr(), c, s, rows)
     options = (has_ignore, ignore, KERNEL_WEIGHTINGS[weighting], KERNEL_SURROGATES[surrogate],

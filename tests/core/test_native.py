@@ -52,8 +52,8 @@ def build(request, monkeypatch):
 @pytest.fixture(params=['tiles', 'rows'])
 def layout(request, monkeypatch):
     """The kernel's layout where a query's outputs are adjacent (S == 1): tiles of queries or
-    one query's outputs as vectors (rows; the default from native.ROW_MIN_CLASSES outputs)."""
-    monkeypatch.setattr(native, 'ROW_MIN_CLASSES', 2 if request.param == 'rows' else 1 << 62)
+    one query's outputs as vectors (rows; the default from native.ROW_MIN_VECTORS vectors)."""
+    monkeypatch.setattr(native, 'ROW_MIN_VECTORS', 0 if request.param == 'rows' else 1 << 62)
     return request.param
 
 
@@ -179,10 +179,10 @@ def test_threads_split_the_queries_without_changing_the_result(monkeypatch) -> N
     assert abs(float(three[0]) - float(one[0])) <= 1e-6
 
 
-def test_threads_split_the_rows_without_changing_the_result() -> None:
-    """The row layout (a query's outputs adjacent, C >= ROW_MIN_CLASSES) split over threads."""
+def test_threads_split_the_rows_without_changing_the_result(monkeypatch) -> None:
+    """The row layout split over threads."""
+    monkeypatch.setattr(native, 'ROW_MIN_VECTORS', 0)
     x = inputs(4, 6000, 100, (), torch.float32, True, False, True, False)
-    assert 100 >= native.ROW_MIN_CLASSES
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -193,6 +193,28 @@ def test_threads_split_the_rows_without_changing_the_result() -> None:
         torch.set_num_threads(threads)
     torch.testing.assert_close(two[1], one[1], rtol=0, atol=0)
     assert abs(float(two[0]) - float(one[0])) <= 1e-6
+
+
+@pytest.mark.parametrize('c, dtype, spatial', [(1000, torch.float32, ()), (10, torch.float32, ()),
+                                              (1000, torch.float32, (3, )),
+                                              (1000, torch.float64, ())])
+def test_the_layout_follows_the_row_length_in_vectors(monkeypatch, c, dtype, spatial) -> None:
+    """Rows where a query's outputs are adjacent and fill ROW_MIN_VECTORS vectors of the
+    build's width; tiles otherwise (images: S > 1)."""
+    layouts = []
+    run = native._objective_cpu.objective
+
+    def recorded(*args):
+        layouts.append(args[10])
+        return run(*args)
+
+    monkeypatch.setattr(native._objective_cpu, 'objective', recorded, raising=False)
+    x = inputs(0, 4, c, spatial, dtype, False, False, False, False)
+    fused(x, REWARDS['acc+uni'], 'native')
+    row_bytes = c * torch.empty((), dtype=dtype).element_size()
+    rows = not spatial and row_bytes >= (native.ROW_MIN_VECTORS
+                                         * native._objective_cpu.vector_bytes())
+    assert layouts == [rows] and rows == (c == 1000 and not spatial)
 
 
 def test_which_calls_take_the_kernel(monkeypatch) -> None:

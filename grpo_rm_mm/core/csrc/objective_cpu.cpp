@@ -849,11 +849,15 @@ PyObject* cpu_has_avx512(PyObject*, PyObject*) {
 #endif
 }
 
+// vector_bytes() -> the width of this build's vectors in bytes
+PyObject* vector_bytes(PyObject*, PyObject*) { return PyLong_FromLong(GRPO_VECTOR_BYTES); }
+
 PyMethodDef kMethods[] = {
     {"cpu_has_avx2_fma", cpu_has_avx2_fma, METH_NOARGS,
      "Whether this CPU runs the AVX2 + FMA build of the kernel."},
     {"cpu_has_avx512", cpu_has_avx512, METH_NOARGS,
      "Whether this CPU runs the AVX-512 build of the kernel."},
+    {"vector_bytes", vector_bytes, METH_NOARGS, "The width of this build's vectors in bytes."},
     {"objective", objective, METH_VARARGS,
      "Loss terms, diagnostics' sums and gradient of a range of queries (unchecked)."},
     {"count", count, METH_VARARGS, "Valid, not ignored queries (unchecked)."},

@@ -1,6 +1,6 @@
 // The fused GRPO-RM objective on the CPU: for a range of queries, the loss terms, the
-// diagnostics' sums and the closed-form gradient with respect to the logits, in one pass over
-// the inputs. The formulas are those of grpo_rm_mm/core/fused.py (its module docstring), for
+// diagnostics' sums and the closed-form gradient with respect to the logits, in one call
+// (five passes over each query's outputs, see group()). The formulas are those of grpo_rm_mm/core/fused.py (its module docstring), for
 // the 'uniform' and 'pi_old' group weightings, the 'clip' and 'dual_clip' surrogates, the
 // registered accuracy, uniformity and confidence-penalty rewards, query weights, a valid mask,
 // an ignore index, pi_ref with a KL coefficient and both advantage conventions.

@@ -4,8 +4,8 @@ The kernel computes, for a range of queries, what one chunk of :func:`.fused._ch
 (loss terms, the diagnostics' sums and the closed-form gradient) in five passes over each
 query's outputs, vectorised either over a tile of queries or, where a query's outputs are
 adjacent (S == 1) and fill at least :data:`ROW_MIN_VECTORS` vectors, over the query's own
-outputs; the torch
-implementation of :mod:`.fused` does the same in some thirty separate passes. It covers:
+outputs; the torch implementation of :mod:`.fused` does the same in some thirty separate
+passes. It covers:
 
 * CPU tensors, float32 or float64 logits (pi_old / pi_ref logits and query weights are cast to
   that dtype, as the torch path computes in it);

@@ -619,6 +619,40 @@ GRPO_INLINE void load_tile(const R* __restrict src, typename Simd<R>::V* __restr
   }
 }
 
+// The problem's arrays, typed.
+template <typename R>
+struct Arrays {
+  const R* z;
+  const R* old;
+  const R* ref;
+  const R* weight;
+  R* grad;
+  explicit Arrays(const Problem& P)
+      : z(static_cast<const R*>(P.z)), old(static_cast<const R*>(P.old)),
+        ref(static_cast<const R*>(P.ref)), weight(static_cast<const R*>(P.weight)),
+        grad(static_cast<R*>(P.grad)) {}
+};
+
+// Whether query q is counted (valid, not ignored, its label in [0, C): a counted label outside
+// it is flagged), and its weight u (1 without query weights; a counted query's non-finite
+// weight is flagged).
+template <typename R>
+GRPO_INLINE bool counted_query(const Problem& P, const Arrays<R>& a, int64_t q, Sums& out,
+                               R& u) {
+  const int64_t y = P.y[q];
+  bool counted = (P.valid == nullptr || P.valid[q] != 0) &&
+                 !(P.has_ignore && y == P.ignore_index);
+  const bool in_range = y >= 0 && y < P.C;
+  out.bad_label |= counted && !in_range;
+  counted = counted && in_range;
+  u = 1;
+  if (counted && a.weight != nullptr) {
+    u = a.weight[q];
+    out.nonfinite |= u * R(0) != R(0);
+  }
+  return counted;
+}
+
 // Queries [q0, q1) in tiles.
 template <typename R>
 void run_tiles(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
@@ -626,11 +660,7 @@ void run_tiles(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
   constexpr int W = Simd<R>::W;
   const int64_t C = P.C, S = P.S, J = tile_vectors<R>(C), T = J * W;
   Scratch<R> w(C * J);
-  const R* z = static_cast<const R*>(P.z);
-  const R* old = static_cast<const R*>(P.old);
-  const R* ref = static_cast<const R*>(P.ref);
-  const R* uw = static_cast<const R*>(P.weight);
-  R* grad = static_cast<R*>(P.grad);
+  const Arrays<R> a(P);
   double sums[kStats] = {0, 0, 0, 0, 0, 0, 0, 0};
   V m[256 / W], ys[256 / W], u[256 / W];
   for (int64_t q = q0; q < q1;) {
@@ -652,32 +682,17 @@ void run_tiles(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
     R* mm = reinterpret_cast<R*>(m);
     R* yy = reinterpret_cast<R*>(ys);
     R* uu = reinterpret_cast<R*>(u);
-    R chk = 0;
     for (int64_t t = 0; t < T; ++t) {
-      bool c = false;
-      int64_t y = 0;
-      R weight = 1;
-      if (t < n) {
-        y = P.y[q + t];
-        c = P.valid == nullptr || P.valid[q + t] != 0;
-        if (P.has_ignore && y == P.ignore_index) c = false;
-        const bool in_range = y >= 0 && y < C;
-        out.bad_label |= c && !in_range;
-        c = c && in_range;
-        if (c && uw != nullptr) {
-          weight = uw[q + t];
-          chk += weight * R(0);
-        }
-      }
+      R weight = 0;
+      const bool c = t < n && counted_query(P, a, q + t, out, weight);
       mm[t] = c ? R(1) : R(0);
-      yy[t] = c ? R(y) : R(0);
+      yy[t] = c ? R(P.y[q + t]) : R(0);
       uu[t] = c ? weight : R(0);
     }
-    out.nonfinite |= chk != R(0);
 
-    load_tile(z + base, w.xz.data(), n, J, C, ts, ks);
-    if (old != nullptr) load_tile(old + base, w.xo.data(), n, J, C, ts, ks);
-    if (ref != nullptr) load_tile(ref + base, w.xr.data(), n, J, C, ts, ks);
+    load_tile(a.z + base, w.xz.data(), n, J, C, ts, ks);
+    if (a.old != nullptr) load_tile(a.old + base, w.xo.data(), n, J, C, ts, ks);
+    if (a.ref != nullptr) load_tile(a.ref + base, w.xr.data(), n, J, C, ts, ks);
     for (int64_t j = 0; j < J; ++j)
       with_flags(P, [&](auto old_given, auto diagnostics) {
         group<R, false, old_given, diagnostics>(P, w, Layout<R, false>{C, J, j}, ys[j], u[j],
@@ -686,7 +701,7 @@ void run_tiles(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
 
     // the gradient's n queries
     const R* src = reinterpret_cast<const R*>(w.g.data());
-    R* dst = grad + base;
+    R* dst = a.grad + base;
     if (ts == 1) {
       for (int64_t k = 0; k < C; ++k) std::memcpy(dst + k * ks, src + k * T, n * sizeof(R));
     } else {
@@ -717,42 +732,30 @@ void run_rows(const Problem& P, int64_t q0, int64_t q1, Sums& out) {
   for (int i = 0; i < W; ++i) L.lane[i] = R(i);
   L.tail_n = C - (CV - 1) * W;
   L.tail = L.lane < R(L.tail_n);
-  const R* z = static_cast<const R*>(P.z);
-  const R* old = static_cast<const R*>(P.old);
-  const R* ref = static_cast<const R*>(P.ref);
-  const R* uw = static_cast<const R*>(P.weight);
-  R* grad = static_cast<R*>(P.grad);
+  const Arrays<R> a(P);
   double sums[kStats] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t q = q0; q < q1; ++q) {
-    const int64_t y = P.y[q], base = q * C;
-    bool counted = P.valid == nullptr || P.valid[q] != 0;
-    if (P.has_ignore && y == P.ignore_index) counted = false;
-    const bool in_range = y >= 0 && y < C;
-    out.bad_label |= counted && !in_range;
-    if (!(counted && in_range)) {
-      out.nonfinite |= !finite_row(z + base, C) ||
-                       (old != nullptr && !finite_row(old + base, C)) ||
-                       (ref != nullptr && !finite_row(ref + base, C));
-      std::memset(grad + base, 0, C * sizeof(R));
+    const int64_t base = q * C;
+    R u;
+    if (!counted_query(P, a, q, out, u)) {
+      out.nonfinite |= !finite_row(a.z + base, C) ||
+                       (a.old != nullptr && !finite_row(a.old + base, C)) ||
+                       (a.ref != nullptr && !finite_row(a.ref + base, C));
+      std::memset(a.grad + base, 0, C * sizeof(R));
       continue;
     }
-    R u = 1;
-    if (uw != nullptr) {
-      u = uw[q];
-      out.nonfinite |= u * R(0) != R(0);
-    }
-    const R* rows[3] = {z + base, old == nullptr ? nullptr : old + base,
-                        ref == nullptr ? nullptr : ref + base};
+    const R* rows[3] = {a.z + base, a.old == nullptr ? nullptr : a.old + base,
+                        a.ref == nullptr ? nullptr : a.ref + base};
     for (int i = 0; i < 3; ++i) {
       L.in_row[i] = rows[i];
       L.in_last[i] = V{};
       if (rows[i] != nullptr)
         std::memcpy(&L.in_last[i], rows[i] + (CV - 1) * W, L.tail_n * sizeof(R));
     }
-    L.grad_row = grad + base;
+    L.grad_row = a.grad + base;
     with_flags(P, [&](auto old_given, auto diagnostics) {
-      group<R, true, old_given, diagnostics>(P, w, L, V{} + R(y), V{} + u, V{} + R(1), out,
-                                             sums);
+      group<R, true, old_given, diagnostics>(P, w, L, V{} + R(P.y[q]), V{} + u, V{} + R(1),
+                                             out, sums);
     });
   }
   for (int i = 0; i < kStats; ++i) out.stats[i] += sums[i];

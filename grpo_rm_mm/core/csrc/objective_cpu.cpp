@@ -1,9 +1,10 @@
 // The fused GRPO-RM objective on the CPU: for a range of queries, the loss terms, the
 // diagnostics' sums and the closed-form gradient with respect to the logits, in one call
-// (five passes over each query's outputs, see group()). The formulas are those of grpo_rm_mm/core/fused.py (its module docstring), for
-// the 'uniform' and 'pi_old' group weightings, the 'clip' and 'dual_clip' surrogates, the
-// registered accuracy, uniformity and confidence-penalty rewards, query weights, a valid mask,
-// an ignore index, pi_ref with a KL coefficient and both advantage conventions.
+// (five passes over each query's outputs, see group()). The formulas are those of
+// grpo_rm_mm/core/fused.py (its module docstring), for the 'uniform' and 'pi_old' group
+// weightings, the 'clip' and 'dual_clip' surrogates, the registered accuracy, uniformity and
+// confidence-penalty rewards, query weights, a valid mask, an ignore index, pi_ref with a KL
+// coefficient and both advantage conventions.
 //
 // Layout: logits, pi_old and pi_ref logits and the gradient are contiguous (B, C, S) arrays;
 // labels (int64), the valid mask (uint8) and query weights are contiguous (B, S). Queries are
@@ -53,6 +54,9 @@ namespace {
 enum Weighting { kUniform = 0, kPiOld = 1 };
 enum Surrogate { kClip = 0, kDualClip = 1 };
 constexpr double kLogRatioClamp = 20.0;  // LOG_RATIO_CLAMP of objective.py
+// how far inside the clamp, and above the smallest normal probability, a log ratio and a log
+// probability must be for the ratio to be taken as p / p_old
+constexpr double kRatioMargin = 0.5;
 constexpr int kStats = 8;  // loss, reward, |A|, clipped, kl, kl_old, entropy, correct
 
 struct Problem {
@@ -163,11 +167,12 @@ struct Aligned {
 //   the last holding C - (CV - 1) W of them (its other lanes masked out of every reduction);
 //   a reduction over the group is a horizontal one, splat to every lane.
 //
-// Per group, five passes over the outputs: maxima; exponentials (with the sums of the softmax
-// and the rewards' wrong-class mass); rewards and their extremes and weighted mean; advantages
-// in units of their scale with the surrogate, its gradient and the variance (the scale,
-// 1 / (std + eps), multiplies the surrogate's terms afterwards: the clip's comparisons do not
-// depend on it); the gradient through the log-softmax.
+// Per group, five passes over the outputs: maxima (and the extremes that decide how the ratio
+// is computed); exponentials (with the sums of the softmax and the rewards' wrong-class mass);
+// rewards and their extremes and weighted mean; advantages in units of their scale with the
+// surrogate, its gradient and the variance (the scale, 1 / (std + eps), multiplies the
+// surrogate's terms afterwards: the clip's comparisons do not depend on it); the gradient
+// through the log-softmax.
 
 template <typename V>
 GRPO_INLINE auto hsum(V v) {
@@ -311,6 +316,7 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
 
   // maxima, and the finite test (x * 0 is NaN for a NaN or infinite x)
   V mz = ninf, mo = ninf, mr = ninf, chk = zero;
+  V dmax = ninf, dmin = pinf, nz = pinf, no = pinf;  // extremes of z - z_old, z and z_old
   L.each([&](int64_t e, int64_t, auto last) {
     const V x = in_z(e, last);
     chk += x * R(0);
@@ -319,6 +325,11 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
       const V xk = in_o(e, last);
       chk += xk * R(0);
       mo = vmax(mo, L.masked(xk, ninf, last));
+      const V d = x - xk;
+      dmax = vmax(dmax, L.masked(d, ninf, last));
+      dmin = vmin(dmin, L.masked(d, pinf, last));
+      nz = vmin(nz, L.masked(x, pinf, last));
+      no = vmin(no, L.masked(xk, pinf, last));
     }
     if (ref_given) {
       const V xk = in_r(e, last);
@@ -359,6 +370,19 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
   }
   inv_z = one / tz;
   inv_o = old_given ? one / to : inv_z;
+  // whether every ratio of the vector's groups can be taken from the probabilities: each
+  // log ratio (z_i - z_old_i) - c, c = (max z - max z_old) + (log sum_z - log sum_old), inside
+  // the log-ratio clamp, and both probabilities normal (log p_i above log of the smallest
+  // normal), each with a margin for the rounding of the two ways of computing them
+  bool from_probs = true;
+  if (old_given) {
+    const V c = (mz - mo) + (lz - lo);
+    const V lr_in = V{} + R(kLogRatioClamp - kRatioMargin);
+    const V lp_min = V{} + R(std::log(std::numeric_limits<R>::min()) + kRatioMargin);
+    const M in = (L.max(dmax) - c <= lr_in) & (L.min(dmin) - c >= -lr_in) &
+                 ((L.min(nz) - mz) - lz >= lp_min) & ((L.min(no) - mo) - lo >= lp_min);
+    for (int i = 0; i < W; ++i) from_probs &= in[i] != 0;
+  }
 
   // rewards from pi_old (into r), their extremes and their mean under the group weights.
   // The uniformity reward divides by the wrong-class mass (not by its reciprocal) so that
@@ -411,28 +435,26 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
   const V unit_mul = P.adv_scale_none ? one : one / mag;
 
   // the surrogate s_i and g_i = kappa u w_i d s_i / d log p_i in units of the scale (the KL's
-  // gradient separately), the variance and the per-group sums. The ratio is p_i / p_old_i, a
-  // division instead of an exponential, where every lane of the vector has both probabilities
-  // normal and the ratio inside the log-ratio clamp (which then passes the gradient
-  // everywhere); otherwise the pass is redone with exp(clamp(log p_i - log p_old_i)), as the
-  // reference computes it. A flat group's advantages are 0: every output is unclipped.
+  // gradient separately), the variance and the per-group sums. Where every group of the
+  // vector has its ratios inside the log-ratio clamp (which then passes the gradient
+  // everywhere) and its probabilities normal (from_probs), the ratio comes from the
+  // probabilities: p_i / p_old_i, a division instead of an exponential, and under the pi_old
+  // weights not even that (w_i ratio_i = p_i); otherwise the pass takes
+  // exp(clamp(log p_i - log p_old_i)), as the reference computes it. A flat group's advantages
+  // are 0: every output is unclipped.
   const V kq = u * R(P.kappa);
   const V wt_uniform = V{} + R(1.0 / double(C));
   const V clip_lo = V{} + (R(1) - R(P.eps_low)), clip_hi = V{} + (R(1) + R(P.eps_high));
   const V lr_lo = V{} - R(kLogRatioClamp), lr_hi = V{} + R(kLogRatioClamp);
-  const V ratio_lo = V{} + R(std::exp(-kLogRatioClamp));
-  const V ratio_hi = V{} + R(std::exp(kLogRatioClamp));
   const R dual_c = R(P.dual_c), beta = R(P.beta);
   struct Pass {
     V var, sumw2, per_query, g_sum, gkl_sum, active_sum, adv_abs, kl, kl_old, ent, top, top_k;
-    bool inside;  // every ratio was taken from the probabilities
   };
   auto surrogate = [&](auto from_probs) GRPO_INLINE_LAMBDA -> Pass {
     constexpr bool kFromProbs = decltype(from_probs)::value;
     V var = zero, sumw2 = zero, per_query = zero, g_sum = zero, gkl_sum = zero,
       active_sum = zero, adv_abs = zero, kl = zero, kl_old = zero, ent = zero, top = ninf,
       top_k = zero;
-    M outside = M{};
     L.each([&](int64_t e, int64_t k, auto last) {
       constexpr bool kLast = decltype(last)::value;
       const V unit = (r[e] - mean) * unit_mul;
@@ -445,18 +467,32 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
       } else {
         var += L.masked(unit * unit, zero, last);
       }
-      V gk, s;
+      V gk, sw;  // sw: the weighted surrogate w_i s_i
       if (!old_given) {
         // ratio 1: nothing is clipped, s = A and d s / d log p = A
-        s = unit;
-        gk = unit * wt * kq;
+        sw = wt * unit;
+        gk = sw * kq;
+      } else if (kFromProbs && pi_old) {
+        // pi_old weights: w_i ratio_i = p_i and w_i clip(ratio_i) = clip(p_i, p_old_i (1 -
+        // eps), p_old_i (1 + eps)): no division
+        const V unclipped = p * unit;
+        const V in_clip = vmin(vmax(p, o * clip_lo), o * clip_hi);
+        sw = vmin(unclipped, in_clip * unit);
+        M active = ((p - in_clip) * unit <= 0) | flat;
+        if (dual) {
+          const V floor = o * unit * dual_c;
+          const M below = (unit < 0) & (floor > sw) & ~flat;
+          active = active & ~below;
+          sw = below ? floor : sw;
+        }
+        active = L.masked(active, last);
+        active_sum += active ? one : zero;
+        gk = active ? unclipped * kq : zero;
       } else {
         V ratio;
         M passes;
         if constexpr (kFromProbs) {
-          ratio = p / o;
-          const M in = (p >= tiny) & (o >= tiny) & (ratio >= ratio_lo) & (ratio <= ratio_hi);
-          outside |= ~(kLast ? in | ~L.tail : in);
+          ratio = L.masked(p / o, one, last);  // 0 / 0 past C
           passes = ~M{};
         } else {
           const V lratio = ((in_z(e, last) - mz) - lz) - ((in_o(e, last) - mo) - lo);
@@ -464,10 +500,9 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
           ratio = vexp(cl);
           passes = cl == lratio;  // the log ratio passes the gradient only inside its clamp
         }
-        ratio = L.masked(ratio, one, last);  // 0 / 0 past C
         const V unclipped = ratio * unit;
         const V in_clip = vmin(vmax(ratio, clip_lo), clip_hi);
-        s = vmin(unclipped, in_clip * unit);
+        V s = vmin(unclipped, in_clip * unit);
         // the unclipped branch is active iff (ratio - clip(ratio)) A <= 0
         M active = ((ratio - in_clip) * unit <= 0) | flat;
         if (dual) {
@@ -480,8 +515,9 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
         active = L.masked(active, last);
         active_sum += active ? one : zero;
         gk = active & passes ? unclipped * wt * kq : zero;
+        sw = wt * s;
       }
-      per_query += wt * s;
+      per_query += sw;
       g[e] = gk;
       g_sum += gk;
       if (ref_given || diagnostics) {
@@ -507,15 +543,12 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
         }
       }
     });
-    bool inside = true;
-    for (int i = 0; i < W; ++i) inside &= outside[i] == 0;
     return Pass{var, sumw2, per_query, g_sum, gkl_sum, active_sum, adv_abs, kl, kl_old, ent,
-                top, top_k, inside};
+                top, top_k};
   };
   // the exact pass out of line: it is rare, and inlined it would cost the common one registers
   auto exact = [&]() __attribute__((noinline)) { return surrogate(std::false_type{}); };
-  Pass acc = surrogate(std::true_type{});
-  if (!acc.inside) acc = exact();
+  const Pass acc = from_probs ? surrogate(std::true_type{}) : exact();
 
   // the scale of the advantages: 1 / (std + eps / mag) under the group weights
   const V var = L.sum(acc.var), sumw2 = L.sum(acc.sumw2);

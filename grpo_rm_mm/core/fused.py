@@ -204,12 +204,11 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
     def view2(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.detach().reshape(b, -1)
 
-    kernels = [] if torch.is_tensor(rewards) else _reward_kernels(rewards)
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     prob = _Problem(
         z=logits.detach().reshape(b, c, -1), y=view2(labels), old=view3(old_logits),
         ref=view3(ref_logits), reward_tensor=view3(rewards) if torch.is_tensor(rewards) else None,
-        kernels=kernels,
+        kernels=[],
         valid=view2(valid), weight=view2(weight), ignore_index=ignore_index, cdt=cdt,
         beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=float(dual_clip_c),
         weighting=group_weighting, surrogate=surrogate, adv_std=adv_std,
@@ -227,6 +226,8 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
                 f"{tuple(native.KERNEL_WEIGHTINGS)} and rewards of grpo_rm_mm.core.rewards "
                 f"{native.KERNEL_REWARDS} (or their registered classes); got "
                 f"{logits.device.type} {logits.dtype}, {group_weighting!r}; use kernel='auto'")
+    if plan is None and not torch.is_tensor(rewards):
+        prob.kernels = _reward_kernels(rewards)  # the torch path's reward kernels
     out: dict = {}
     state = generator.get_state() if generator is not None else None
     try:
@@ -768,10 +769,12 @@ def _diagnostics(values: Sequence[Tensor], n_valid: int, wanted: bool) -> dict[s
     return out
 
 
-def _forward_native(prob: _Problem, plan: native.KernelPlan, out: dict) -> tuple[Tensor, Tensor]:
-    """:func:`_forward` by the compiled kernel (no host synchronisation: CPU tensors)."""
-    b, c, s = prob.z.shape
-    grad = torch.empty((b, c, s), dtype=plan.z.dtype)
+def _forward_native(prob: _Problem, plan: native.KernelPlan, out: dict,
+                    shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """:func:`_forward` by the compiled kernel (no host synchronisation: CPU tensors); the
+    gradient has the logits' ``shape`` (the same memory as (B, C, S))."""
+    c = prob.z.shape[1]
+    grad = torch.empty(shape, dtype=plan.z.dtype)
     n_valid, bad, sums = native.run(
         plan, grad, ignore_index=prob.ignore_index, weighting=prob.weighting,
         surrogate=prob.surrogate, eps_low=prob.eps_low, eps_high=prob.eps_high,
@@ -780,12 +783,11 @@ def _forward_native(prob: _Problem, plan: native.KernelPlan, out: dict) -> tuple
     out['n_valid'] = n_valid
     out['delegate'] = bad or not all(map(math.isfinite, sums))
     inv_n = 1.0 / max(n_valid, 1)
-    if prob.diagnostics:
-        means = torch.tensor([sums[0] * inv_n] + [
-            v * inv_n * f for v, f in zip(sums[1:], _diagnostic_scales(c))], dtype=prob.cdt)
-        loss, values = means[0], means[1:]
-    else:
-        loss, values = torch.tensor(sums[0] * inv_n, dtype=prob.cdt), ()
+    # the loss a tensor of its own (not a view: it may be added to in place, as mmseg's decode
+    # heads sum losses of one name), the diagnostics views of one tensor
+    loss = torch.tensor(sums[0] * inv_n, dtype=prob.cdt)
+    values = torch.tensor([v * inv_n * f for v, f in zip(sums[1:], _diagnostic_scales(c))],
+                          dtype=prob.cdt).unbind() if prob.diagnostics else ()
     out['diagnostics'] = _diagnostics(values, n_valid, prob.diagnostics)
     return loss, grad
 
@@ -797,10 +799,13 @@ class _FusedObjective(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, prob: _Problem, generator: torch.Generator | None,
                 out: dict, plan: native.KernelPlan | None) -> Tensor:
-        with torch.autocast(logits.device.type, enabled=False):
-            loss, grad = (_forward(prob, generator, out) if plan is None
-                          else _forward_native(prob, plan, out))
-        ctx.save_for_backward(grad.view(logits.shape))
+        if plan is not None:  # the kernel: no torch arithmetic that autocast could cast
+            loss, grad = _forward_native(prob, plan, out, logits.shape)
+        else:
+            with torch.autocast(logits.device.type, enabled=False):
+                loss, grad = _forward(prob, generator, out)
+            grad = grad.view(logits.shape)
+        ctx.save_for_backward(grad)
         return loss
 
     @staticmethod

@@ -147,6 +147,9 @@ def run(kp: KernelPlan, grad: Tensor, *, ignore_index: int | None, weighting: st
                adv_std == 'unbiased', adv_scale == 'none', float(adv_eps), *kp.rewards,
                kappa, bool(diagnostics))
     threads = min(torch.get_num_threads(), max(1, kp.z.numel() // MIN_ELEMENTS_PER_THREAD))
+    if threads == 1:
+        bad_label, nonfinite, part = _objective_cpu.objective(*args, 0, queries, *options)
+        return n_valid, bool(bad_label or nonfinite), list(part)
     bounds = [queries * i // threads for i in range(threads + 1)]
     results: list = [None] * threads
 

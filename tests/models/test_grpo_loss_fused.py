@@ -71,6 +71,30 @@ def test_classification_call_and_the_defaults() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize('implementation', ['fused', 'reference'])
+@pytest.mark.parametrize('kernel', ['native', 'torch'])
+@pytest.mark.parametrize('loss_weight', [1.0, 0.5])
+def test_losses_of_one_name_add_up_in_place(implementation: str, kernel: str,
+                                            loss_weight: float, monkeypatch) -> None:
+    """mmseg's decode heads sum losses that share a name in place
+    (``loss[name] += loss_decode(...)``): the returned loss must allow it (a view returned
+    by the autograd function would not), with the gradient of the sum."""
+    from grpo_rm_mm.core import native
+    if kernel == 'torch':
+        monkeypatch.setattr(native, 'AVAILABLE', False)
+    logits, labels, _ = seg_batch(3)
+    first, second = (GRPORMLoss(log_diagnostics=False, implementation=implementation,
+                                loss_weight=loss_weight) for _ in range(2))
+    z = logits.clone().requires_grad_(True)
+    total = first(z, labels)
+    total += second(z * 2, labels)
+    total.backward()
+    z2 = logits.clone().requires_grad_(True)
+    (first(z2, labels) + second(z2 * 2, labels)).backward()
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-12, atol=1e-15)
+    assert z.grad.abs().sum() > 0
+
+
 def test_implementation_options_are_checked() -> None:
     with pytest.raises(ValueError, match=r"implementation='fast' is unknown"):
         GRPORMLoss(implementation='fast')

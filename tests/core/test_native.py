@@ -149,6 +149,19 @@ def test_tile_boundaries(build, layout, shape) -> None:
                  reference(x, REWARDS['acc+uni'], **opts), 1e-12)
 
 
+@pytest.mark.parametrize('offset', [-1000.0, -60.0, 1000.0])
+def test_logits_far_from_zero(build, layout, offset) -> None:
+    """Logits (and pi_old's, pi_ref's) all far below or above 0: the softmax is
+    shift-invariant, and the lanes of a partial last vector, which hold 0 - max there (up to
+    1000, an overflowing exponential), are masked out."""
+    x = inputs(8, 9, 67, (), torch.float32, True, True, False, False)
+    for key in ('logits', 'old_logits', 'ref_logits'):
+        x[key] = x[key] + offset
+    opts = dict(group_weighting='pi_old', beta=0.05)
+    assert_close(fused(x, REWARDS['acc+uni'], 'native', **opts),
+                 reference(x, REWARDS['acc+uni'], **opts), 1e-5)
+
+
 def test_kernel_equals_torch_implementation_float32(build) -> None:
     x = inputs(5, 4, 21, (30, 30), torch.float32, True, True, True, True)
     opts = dict(group_weighting='pi_old', beta=0.1)

@@ -103,15 +103,16 @@ struct Simd<double> {
   static constexpr int W = GRPO_VECTOR_BYTES / 8;
 };
 
-// exp(x) per lane. float: Cephes' expf (range reduction by ln 2 in two parts, degree-6
-// polynomial, about 1 ulp), branch-free, with 2^n applied as two factors so that results down
-// to the subnormal range (x >= -103.9) are kept; double: the C library's exp.
+// exp(x) per lane, for x <= 88 (every argument here is a logit minus its group's maximum or a
+// log ratio clamped to +-20; a lane past C may hold more, and its result is masked out).
+// float: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, about 1 ulp),
+// branch-free, with 2^n applied as two factors so that results down to the subnormal range
+// (x >= -103.9) are kept; double: the C library's exp.
 GRPO_INLINE Simd<float>::V vexp(Simd<float>::V x) {
   using V = Simd<float>::V;
   using M = Simd<float>::M;
-  const V lo = V{} - 104.0f, hi = V{} + 88.0f;
+  const V lo = V{} - 104.0f;
   x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
   const V shifter = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   V kf = x * 1.44269504088896341f + shifter;
   const M ki = (M)kf - 0x4B400000;      // the integer, from the bits

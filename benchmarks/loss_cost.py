@@ -11,8 +11,9 @@ One run measures, at classification shapes ((1024, 10), (1024, 1000)) and segmen
   ``CrossEntropyLoss`` (classification).
 
 Time: ``loss(logits, labels).backward()`` on a leaf tensor of logits, all variants of a shape
-interleaved (A, B, ..., then reversed) after warm-up rounds; medians of wall and process-CPU
-time, and their ratios to cross-entropy. On CUDA (when available) times come from CUDA events.
+interleaved (A, B, ..., then reversed) after warm-up rounds, a round being a few calls at the
+classification shapes (``CASES[case]['calls']``); medians of wall and process-CPU time per
+call, and their ratios to cross-entropy. On CUDA (when available) times come from CUDA events.
 
 Peak memory: the growth of the process's peak resident memory during one forward + backward,
 above the inputs. On CPU each shape runs in a fresh subprocess: after building the inputs it
@@ -45,11 +46,13 @@ TARGET_SEG = 1.5    # GRPO-RM / CE at segmentation shapes: time and peak memory
 TARGET_CLS = 1.5    # GRPO-RM / CE at classification shapes: time
 VOC_IMAGES_PER_GPU = 64
 
+# calls: forward + backward calls per timed round (sub-millisecond calls are timed in
+# batches, so that timer and scheduling noise stays small next to a round)
 CASES = {
-    'cls-10': dict(shape=(1024, 10), task='cls', reps=1.0),
-    'cls-1000': dict(shape=(1024, 1000), task='cls', reps=1.0),
-    'seg-112': dict(shape=(8, 21, 112, 112), task='seg', reps=1.0),
-    'seg-448': dict(shape=(4, 21, 448, 448), task='seg', reps=0.5),
+    'cls-10': dict(shape=(1024, 10), task='cls', reps=1.0, calls=32),
+    'cls-1000': dict(shape=(1024, 1000), task='cls', reps=1.0, calls=4),
+    'seg-112': dict(shape=(8, 21, 112, 112), task='seg', reps=1.0, calls=1),
+    'seg-448': dict(shape=(4, 21, 448, 448), task='seg', reps=0.5, calls=1),
 }
 GRPO_VARIANTS = {
     'GRPO-RM fused, first update': ('fused', False),
@@ -236,8 +239,14 @@ def main() -> None:
             calls = make_calls(case, inputs)
             reps = max(3, int(round(args.reps * spec['reps'])))
             timer = cuda_interleaved if device == 'cuda' else c.interleaved
-            times = timer(calls, reps, args.warmup, **({} if device == 'cuda' else dict(
+            per_round = spec['calls']
+            rounds = {name: (lambda fn=fn, k=per_round: [fn() for _ in range(k)])
+                      for name, fn in calls.items()}
+            times = timer(rounds, reps, args.warmup, **({} if device == 'cuda' else dict(
                 desc=case)))
+            for t in times.values():  # per call
+                t.wall[:] = [x / per_round for x in t.wall]
+                t.cpu[:] = [x / per_round for x in t.cpu]
             memory = {} if args.no_memory else measure_memory(case, device)
             logits_mib = inputs['logits'].numel() * inputs['logits'].element_size() / 2**20
             results[case] = dict(times=times, memory=memory, logits_mib=logits_mib,
@@ -253,7 +262,7 @@ def report_case(case: str, res: dict) -> None:
     times, memory = res['times'], res['memory']
     bases = [CE_SEG] + ([CE_CLS] if spec['task'] == 'cls' else [])
     print(f'\n### {case}: logits {spec["shape"]} float32 ({res["logits_mib"]:.1f} MiB), '
-          f'{res["reps"]} interleaved rounds\n')
+          f'{res["reps"]} interleaved rounds of {spec["calls"]} call(s)\n')
     head = '| variant | median wall ms | median CPU ms | ' + ' | '.join(
         f'time / {b.split()[0]} CE' for b in bases)
     if memory:

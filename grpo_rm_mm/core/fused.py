@@ -772,11 +772,11 @@ def _diagnostics(values: Sequence[Tensor], n_valid: int, wanted: bool) -> dict[s
 def _forward_native(prob: _Problem, plan: native.KernelPlan, out: dict,
                     shape: torch.Size) -> tuple[Tensor, Tensor]:
     """:func:`_forward` by the compiled kernel (no host synchronisation: CPU tensors); the
-    gradient has the logits' ``shape`` (the same memory as (B, C, S))."""
+    gradient has the logits' ``shape`` (and, classes-last, their memory layout)."""
     c = prob.z.shape[1]
-    grad = torch.empty(shape, dtype=plan.z.dtype)
+    grad_rows, grad = plan.gradient(shape)
     n_valid, bad, sums = native.run(
-        plan, grad, ignore_index=prob.ignore_index, weighting=prob.weighting,
+        plan, grad_rows, ignore_index=prob.ignore_index, weighting=prob.weighting,
         surrogate=prob.surrogate, eps_low=prob.eps_low, eps_high=prob.eps_high,
         dual_clip_c=prob.dual_clip_c, beta=prob.beta, adv_std=prob.adv_std,
         adv_scale=prob.adv_scale, adv_eps=prob.adv_eps, diagnostics=prob.diagnostics)

@@ -86,13 +86,29 @@ def kernel_reward_terms(rewards: object) -> tuple[float, float, float] | None:
 class KernelPlan:
     """The kernel's arguments for one call: contiguous CPU tensors of the compute dtype."""
 
-    z: Tensor                # (B, C, S)
+    z: Tensor                # (B, C, S), or (B S, C, 1) for classes-last logits
     old: Tensor | None
     ref: Tensor | None
-    y: Tensor                # (B, S) int64
-    valid: Tensor | None     # (B, S) bool
-    weight: Tensor | None    # (B, S)
+    y: Tensor                # (B, S) int64, or (B S, 1)
+    valid: Tensor | None     # (B, S) bool, or (B S, 1)
+    weight: Tensor | None    # (B, S), or (B S, 1)
     rewards: tuple[float, float, float]
+    #: the logits' classes are their innermost dimension (channels-last dense logits, e.g. a
+    #: head whose last layers run in that memory format): read as B S queries of C adjacent
+    #: outputs, no copy; the gradient is written in the same layout
+    classes_last: bool = False
+
+    def gradient(self, shape: torch.Size) -> tuple[Tensor, Tensor]:
+        """An uninitialised gradient: ``(for the kernel, as the logits)``, the second of the
+        logits' ``shape`` (B, C, *S) and, for classes-last logits, their strides; the same
+        memory."""
+        if not self.classes_last:
+            grad = torch.empty(shape, dtype=self.z.dtype)
+            return grad, grad
+        n, c = self.z.shape[0], self.z.shape[1]
+        grad = torch.empty((n, c, 1), dtype=self.z.dtype)
+        b = shape[0]
+        return grad, grad.view(b, n // b, c).transpose(1, 2).view(shape)
 
 
 def plan(z: Tensor, y: Tensor, old: Tensor | None, ref: Tensor | None, valid: Tensor | None,
@@ -111,6 +127,20 @@ def plan(z: Tensor, y: Tensor, old: Tensor | None, ref: Tensor | None, valid: Te
     if any(x.device.type != 'cpu' for x in others + [y]):
         return None
 
+    b, c, s = z.shape
+    if s > 1 and z.transpose(1, 2).is_contiguous():
+        # classes-last: (B, S, C) in memory, B S rows of C outputs
+        def rows(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.transpose(1, 2).to(z.dtype).contiguous().view(
+                b * s, c, 1)
+
+        def per_query(x: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
+            return None if x is None else x.to(dtype or x.dtype).contiguous().view(b * s, 1)
+
+        return KernelPlan(z=rows(z), old=rows(old), ref=rows(ref),
+                          y=per_query(y, torch.int64), valid=per_query(valid),
+                          weight=per_query(weight, z.dtype), rewards=terms, classes_last=True)
+
     def dense(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.to(z.dtype).contiguous()
 
@@ -128,7 +158,7 @@ def run(kp: KernelPlan, grad: Tensor, *, ignore_index: int | None, weighting: st
         surrogate: str, eps_low: float, eps_high: float, dual_clip_c: float, beta: float,
         adv_std: str, adv_scale: str, adv_eps: float,
         diagnostics: bool) -> tuple[int, bool, list[float]]:
-    """Fill ``grad`` ((B, C, S), contiguous, the dtype of ``kp.z``) with the gradient of the
+    """Fill ``grad`` (``kp.z``'s shape, contiguous, its dtype) with the gradient of the
     loss (already divided by the number of counted queries) and return ``(n_valid, bad,
     sums)``: ``bad`` flags a counted label outside [0, C) or a non-finite input value;
     ``sums`` are the 8 sums over the counted queries of :class:`.fused._Accumulator`."""

@@ -149,6 +149,30 @@ def test_tile_boundaries(build, layout, shape) -> None:
                  reference(x, REWARDS['acc+uni'], **opts), 1e-12)
 
 
+@pytest.mark.parametrize('old_layout', ['classes_last', 'contiguous'])
+def test_classes_last_logits_are_read_in_place(build, layout, old_layout) -> None:
+    """Channels-last dense logits (a head whose last layers run in that memory format) are
+    read as rows of C adjacent outputs without a copy, and their gradient comes back in the
+    same layout; pi_old / pi_ref in either layout."""
+    x = inputs(6, 3, 21, (9, 11), torch.float64, True, True, True, True)
+    last = dict(memory_format=torch.channels_last)
+    x['logits'] = x['logits'].contiguous(**last)
+    if old_layout == 'classes_last':
+        x['old_logits'] = x['old_logits'].contiguous(**last)
+        x['ref_logits'] = x['ref_logits'].contiguous(**last)
+    opts = dict(group_weighting='pi_old', beta=0.05)
+    got = fused(x, REWARDS['all three'], 'native', **opts)
+    assert_close(got, reference(x, REWARDS['all three'], **opts), 1e-12)
+    z = x['logits'].clone().requires_grad_(True)
+    grpo_rm_loss_fused(z, x['labels'], REWARDS['acc'], ignore_index=255,
+                       kernel='native')[0].backward()
+    assert z.grad.stride() == z.stride()
+    b, c = z.shape[:2]
+    kp = native.plan(z.detach().reshape(b, c, -1), x['labels'].reshape(b, -1), None, None,
+                     None, None, REWARDS['acc'], 'pi_old', 'clip')
+    assert kp.classes_last and kp.z.data_ptr() == z.data_ptr()  # no copy
+
+
 @pytest.mark.parametrize('offset', [-1000.0, -60.0, 1000.0])
 def test_logits_far_from_zero(build, layout, offset) -> None:
     """Logits (and pi_old's, pi_ref's) all far below or above 0: the softmax is

@@ -25,6 +25,7 @@ orders, and the larger growth is reported. On CUDA: ``torch.cuda.max_memory_allo
 minus the allocated memory before the call, after ``reset_peak_memory_stats``.
 
     .venv/bin/python benchmarks/loss_cost.py [--threads 1] [--reps 9] [--device cpu|cuda]
+        [--channels-last] [--cases ...] [--no-memory]
 """
 from __future__ import annotations
 
@@ -79,15 +80,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         choices=['cpu', 'cuda'])
     parser.add_argument('--no-memory', action='store_true', help='time only')
-    parser.add_argument('--memory-child', nargs=2, metavar=('CASE', 'DEVICE'),
+    parser.add_argument('--channels-last', action='store_true',
+                        help='segmentation logits (and pi_old) in channels-last memory format, '
+                        'as the GRPO-RM seg head (its LayerNorm) leaves them')
+    parser.add_argument('--memory-child', nargs=3, metavar=('CASE', 'DEVICE', 'FORMAT'),
                         help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 # --------------------------------------------------------------------------- inputs and calls
-def make_inputs(case: str, device: str) -> dict:
+def make_inputs(case: str, device: str, channels_last: bool = False) -> dict:
     """Logits (leaf, requires grad), labels with 255-ignored pixels (segmentation: 10 %), and
-    a cached pi_old near the logits (for the inner-step variants)."""
+    a cached pi_old near the logits (for the inner-step variants); ``channels_last``: the
+    segmentation logits and pi_old in that memory format."""
     spec = CASES[case]
     shape = spec['shape']
     g = torch.Generator().manual_seed(0)
@@ -97,6 +102,9 @@ def make_inputs(case: str, device: str) -> dict:
     if spec['task'] == 'seg':
         labels[torch.rand(label_shape, generator=g) < 0.1] = 255
     old = (logits.detach().cpu() + 0.1 * torch.randn(shape, generator=g)).to(device)
+    if channels_last and spec['task'] == 'seg':
+        logits = logits.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        old = old.contiguous(memory_format=torch.channels_last)
     return dict(logits=logits, labels=labels.to(device), old=old)
 
 
@@ -174,12 +182,12 @@ def _trim() -> None:
         pass
 
 
-def memory_child(case: str, device: str) -> None:
+def memory_child(case: str, device: str, memory_format: str) -> None:
     """Runs in a fresh process: peak growth (MiB) of one forward + backward per variant, two
     rounds in alternating orders; prints ``{variant: [growth, growth]}`` as JSON."""
     torch.set_num_threads(1)
     warnings.filterwarnings('ignore')
-    inputs = make_inputs(case, device)
+    inputs = make_inputs(case, device, memory_format == 'channels_last')
     calls = make_calls(case, inputs)
     names = list(calls)
     for n in names:  # warm-up: one-time allocations (lazy initialisation) are not the loss's
@@ -204,9 +212,11 @@ def memory_child(case: str, device: str) -> None:
     print(json.dumps(growth))
 
 
-def measure_memory(case: str, device: str) -> dict[str, float]:
+def measure_memory(case: str, device: str, channels_last: bool) -> dict[str, float]:
     """Peak growth per variant (the larger of two rounds), from a fresh subprocess."""
-    proc = subprocess.run([sys.executable, __file__, '--memory-child', case, device],
+    memory_format = 'channels_last' if channels_last else 'contiguous'
+    proc = subprocess.run([sys.executable, __file__, '--memory-child', case, device,
+                           memory_format],
                           capture_output=True, text=True, check=True)
     growth = json.loads(proc.stdout.strip().splitlines()[-1])
     return {name: max(values) for name, values in growth.items()}
@@ -232,10 +242,12 @@ def main() -> None:
         print('# labels: random classes, segmentation with 10 % of the pixels 255 (ignored); '
               'logits ~ N(0, 4); inner steps: pi_old = logits + N(0, 0.01), validated=True, '
               'diagnostics=False')
+        if args.channels_last:
+            print('# segmentation logits and pi_old in channels-last memory format')
         results: dict[str, dict] = {}
         for case in args.cases:
             spec = CASES[case]
-            inputs = make_inputs(case, device)
+            inputs = make_inputs(case, device, args.channels_last)
             calls = make_calls(case, inputs)
             reps = max(3, int(round(args.reps * spec['reps'])))
             timer = cuda_interleaved if device == 'cuda' else c.interleaved
@@ -247,7 +259,7 @@ def main() -> None:
             for t in times.values():  # per call
                 t.wall[:] = [x / per_round for x in t.wall]
                 t.cpu[:] = [x / per_round for x in t.cpu]
-            memory = {} if args.no_memory else measure_memory(case, device)
+            memory = {} if args.no_memory else measure_memory(case, device, args.channels_last)
             logits_mib = inputs['logits'].numel() * inputs['logits'].element_size() / 2**20
             results[case] = dict(times=times, memory=memory, logits_mib=logits_mib,
                                  reps=reps)

@@ -8,7 +8,9 @@ outputs; the torch implementation of :mod:`.fused` does the same in some thirty 
 passes. It covers:
 
 * CPU tensors, float32 or float64 logits (pi_old / pi_ref logits and query weights are cast to
-  that dtype, as the torch path computes in it);
+  that dtype, as the torch path computes in it); dense logits whose classes are their innermost
+  dimension in memory (channels-last) are read in place as B S queries of C adjacent outputs,
+  and their gradient is written in that layout;
 * the 'uniform' and 'pi_old' group weightings, both surrogates, KL to pi_ref, query weights, a
   valid mask, an ignore index, both advantage conventions;
 * rewards that carry a ``fused_term`` ``(name, coefficient)`` with a name of

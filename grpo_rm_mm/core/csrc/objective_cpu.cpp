@@ -457,7 +457,6 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
       active_sum = zero, adv_abs = zero, kl = zero, kl_old = zero, ent = zero, top = ninf,
       top_k = zero;
     L.each([&](int64_t e, int64_t k, auto last) {
-      constexpr bool kLast = decltype(last)::value;
       const V unit = (r[e] - mean) * unit_mul;
       const V p = ez[e] * inv_z;
       const V o = eo[e] * inv_o;

@@ -163,7 +163,6 @@ class GRPORMLoss(nn.Module):
         self._register_load_state_dict_pre_hook(self._forget_host_draws)
         self.last_group_seed: int | None = None
         self.ignored_batches = 0
-        self._ignored_cache: tuple[int, Tensor] | None = None
         self.last_diagnostics: dict[str, Tensor] = {}
         self._warned_kwargs: set[str] = set()
 
@@ -297,7 +296,7 @@ class GRPORMLoss(nn.Module):
             loss, diagnostics = grpo_rm_loss(logits, labels, self._rewards, **options)
         if float(diagnostics['grpo_queries']) == 0:
             self._note_ignored_batch(tuple(pred.shape), ignore_index)
-        diagnostics['grpo_ignored_batches'] = self._ignored_batches_tensor()
+        diagnostics['grpo_ignored_batches'] = torch.tensor(float(self.ignored_batches))
         self.last_diagnostics = {k: v.detach() if v.requires_grad else v
                                  for k, v in diagnostics.items()}
         if self.log_diagnostics:
@@ -305,14 +304,6 @@ class GRPORMLoss(nn.Module):
         if self.loss_weight == 1.0 and not loss._is_view():
             return loss  # no product node: the same value and gradient
         return self.loss_weight * loss
-
-    def _ignored_batches_tensor(self) -> Tensor:
-        """``ignored_batches`` as a tensor, made anew only when the count changes."""
-        cached = self._ignored_cache
-        if cached is None or cached[0] != self.ignored_batches:
-            cached = self._ignored_cache = (self.ignored_batches,
-                                            torch.tensor(float(self.ignored_batches)))
-        return cached[1]
 
     def _note_ignored_batch(self, shape: tuple[int, ...], ignore_index: int | None) -> None:
         self.ignored_batches += 1

@@ -472,50 +472,40 @@ GRPO_INLINE void group(const Problem& P, Scratch<R>& w, const Layout<R, kRows>& 
         // ratio 1: nothing is clipped, s = A and d s / d log p = A
         sw = wt * unit;
         gk = sw * kq;
-      } else if (kFromProbs && pi_old) {
-        // pi_old weights: w_i ratio_i = p_i and w_i clip(ratio_i) = clip(p_i, p_old_i (1 -
-        // eps), p_old_i (1 + eps)): no division
-        const V unclipped = p * unit;
-        const V in_clip = vmin(vmax(p, o * clip_lo), o * clip_hi);
-        sw = vmin(unclipped, in_clip * unit);
-        M active = ((p - in_clip) * unit <= 0) | flat;
-        if (dual) {
-          const V floor = o * unit * dual_c;
-          const M below = (unit < 0) & (floor > sw) & ~flat;
-          active = active & ~below;
-          sw = below ? floor : sw;
-        }
-        active = L.masked(active, last);
-        active_sum += active ? one : zero;
-        gk = active ? unclipped * kq : zero;
       } else {
-        V ratio;
-        M passes;
-        if constexpr (kFromProbs) {
-          ratio = L.masked(p / o, one, last);  // 0 / 0 past C
-          passes = ~M{};
+        // x = scale ratio_i: under the pi_old weights, with the ratio from the probabilities,
+        // the weighted ratio w_i ratio_i = p_i (scale p_old_i, no division); otherwise the
+        // ratio itself (scale 1), weighted afterwards
+        const bool weighted = kFromProbs && pi_old;
+        V x, scale = one;
+        M passes = ~M{};
+        if (weighted) {
+          x = p;
+          scale = o;
+        } else if constexpr (kFromProbs) {
+          x = L.masked(p / o, one, last);  // 0 / 0 past C
         } else {
           const V lratio = ((in_z(e, last) - mz) - lz) - ((in_o(e, last) - mo) - lo);
           const V cl = vmin(vmax(lratio, lr_lo), lr_hi);
-          ratio = vexp(cl);
+          x = vexp(cl);
           passes = cl == lratio;  // the log ratio passes the gradient only inside its clamp
         }
-        const V unclipped = ratio * unit;
-        const V in_clip = vmin(vmax(ratio, clip_lo), clip_hi);
+        const V unclipped = x * unit;
+        const V in_clip = vmin(vmax(x, scale * clip_lo), scale * clip_hi);
         V s = vmin(unclipped, in_clip * unit);
-        // the unclipped branch is active iff (ratio - clip(ratio)) A <= 0
-        M active = ((ratio - in_clip) * unit <= 0) | flat;
+        // the unclipped branch is active iff (x - clip(x)) A <= 0
+        M active = ((x - in_clip) * unit <= 0) | flat;
         if (dual) {
-          // the floor c A where A < 0: below it, no gradient and s = c A
-          const V floor = unit * dual_c;
+          // the floor scale c A where A < 0: below it, no gradient and s = scale c A
+          const V floor = scale * unit * dual_c;
           const M below = (unit < 0) & (floor > s) & ~flat;
           active = active & ~below;
           s = below ? floor : s;
         }
         active = L.masked(active, last);
         active_sum += active ? one : zero;
-        gk = active & passes ? unclipped * wt * kq : zero;
-        sw = wt * s;
+        gk = active & passes ? (weighted ? unclipped : unclipped * wt) * kq : zero;
+        sw = weighted ? s : wt * s;
       }
       per_query += sw;
       g[e] = gk;

@@ -130,26 +130,24 @@ def plan(z: Tensor, y: Tensor, old: Tensor | None, ref: Tensor | None, valid: Te
         return None
 
     b, c, s = z.shape
-    if s > 1 and z.transpose(1, 2).is_contiguous():
-        # classes-last: (B, S, C) in memory, B S rows of C outputs
-        def rows(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.transpose(1, 2).to(z.dtype).contiguous().view(
-                b * s, c, 1)
+    # classes-last logits ((B, S, C) in memory) are B S rows of C outputs: (B S, C, 1) views
+    classes_last = s > 1 and z.transpose(1, 2).is_contiguous()
+    shape = (b * s, c, 1) if classes_last else (b, c, s)
 
-        def per_query(x: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
-            return None if x is None else x.to(dtype or x.dtype).contiguous().view(b * s, 1)
+    def outputs(x: Tensor | None) -> Tensor | None:  # (B, C, S) -> the kernel's layout
+        if x is None:
+            return None
+        x = x.transpose(1, 2) if classes_last else x
+        return x.to(z.dtype).contiguous().view(shape)
 
-        return KernelPlan(z=rows(z), old=rows(old), ref=rows(ref),
-                          y=per_query(y, torch.int64), valid=per_query(valid),
-                          weight=per_query(weight, z.dtype), rewards=terms, classes_last=True)
+    def per_query(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:  # (B, S)
+        return None if x is None else x.to(dtype).contiguous().view(shape[0], shape[2])
 
-    def dense(x: Tensor | None) -> Tensor | None:
-        return None if x is None else x.to(z.dtype).contiguous()
-
-    return KernelPlan(z=z.contiguous(), old=dense(old), ref=dense(ref),
-                      y=y.to(torch.int64).contiguous(),
-                      valid=None if valid is None else valid.contiguous(),
-                      weight=dense(weight), rewards=terms)
+    return KernelPlan(z=outputs(z), old=outputs(old), ref=outputs(ref),
+                      y=per_query(y, torch.int64),
+                      valid=None if valid is None else per_query(valid, valid.dtype),
+                      weight=per_query(weight, z.dtype), rewards=terms,
+                      classes_last=classes_last)
 
 
 def _ptr(x: Tensor | None) -> int:

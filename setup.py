@@ -19,7 +19,7 @@ def requirements(name: str) -> list[str]:
 class OptionalBuildExt(build_ext):
     """Build the fused objective's CPU kernel; where it cannot be built (no C++ compiler) the
     package still installs, and the objective runs its torch implementation
-    (``grpo_rm_mm.core.native.AVAILABLE`` is then False)."""
+    (``grpo_rm_mm.core.backends.cpu_native.AVAILABLE`` is then False)."""
 
     def build_extension(self, ext: Extension) -> None:
         try:
@@ -32,8 +32,9 @@ class OptionalBuildExt(build_ext):
 # No torch headers: the kernel takes data pointers, so it builds in seconds with any C++17
 # compiler and does not depend on the torch version it runs with. One build per vector width:
 # the portable one (16-byte vectors: SSE2, NEON) and, on x86-64, AVX2 + FMA and AVX-512; the
-# package imports the widest one the CPU runs (grpo_rm_mm/core/native.py). Loops aligned to 32
-# bytes: otherwise the kernel's speed moves with where an unrelated edit leaves its loops.
+# package imports the widest one the CPU runs (grpo_rm_mm/core/backends/cpu_native.py). Loops
+# aligned to 32 bytes: otherwise the kernel's speed moves with where an unrelated edit leaves
+# its loops.
 def kernel(name: str, vector_bytes: int, flags: list[str]) -> Extension:
     return Extension(
         f'grpo_rm_mm.core.{name}', sources=['grpo_rm_mm/core/csrc/objective_cpu.cpp'],

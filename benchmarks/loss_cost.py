@@ -3,9 +3,9 @@
 One run measures, at classification shapes ((1024, 10), (1024, 1000)) and segmentation shapes
 ((8, 21, 112, 112), (4, 21, 448, 448): VOC's 21 classes, labels with 255-ignored pixels):
 
-- ``GRPORMLoss`` with the fused implementation (the default) and the reference one, each as
-  the first update of a batch (pi_old = the current policy, what the GRPO-RM heads pass) and as
-  an inner step (a cached pi_old, ``validated=True``, ``diagnostics=False``: as the heads
+- ``GRPORMLoss`` with the default backend ('auto': the compiled kernel on the CPU) and the
+  reference one, each as the first update of a batch (pi_old = the current policy, what the
+  GRPO-RM heads pass) and as an inner step (a cached pi_old, ``validated=True``, ``diagnostics=False``: as the heads
   call it);
 - mmseg's ``CrossEntropyLoss`` (segmentation and classification) and mmpretrain's
   ``CrossEntropyLoss`` (classification).
@@ -56,8 +56,8 @@ CASES = {
     'seg-448': dict(shape=(4, 21, 448, 448), task='seg', reps=0.5, calls=1),
 }
 GRPO_VARIANTS = {
-    'GRPO-RM fused, first update': ('fused', False),
-    'GRPO-RM fused, inner step': ('fused', True),
+    'GRPO-RM fused, first update': ('auto', False),
+    'GRPO-RM fused, inner step': ('auto', True),
     'GRPO-RM reference, first update': ('reference', False),
     'GRPO-RM reference, inner step': ('reference', True),
 }
@@ -119,7 +119,7 @@ def make_calls(case: str, inputs: dict) -> dict[str, Callable[[], None]]:
     seg = CASES[case]['task'] == 'seg'
     calls: dict[str, Callable[[], None]] = {}
     for name, (impl, inner) in GRPO_VARIANTS.items():
-        loss_fn = GRPORMLoss(implementation=impl, log_diagnostics=False)
+        loss_fn = GRPORMLoss(backend=impl, log_diagnostics=False)
 
         def run(loss_fn=loss_fn, inner=inner) -> None:
             extra = dict(old_logits=old, validated=True, diagnostics=False) if inner else {}

@@ -8,7 +8,7 @@ from . import compat
 compat.apply_all()
 
 from . import datasets, engine, evaluation, models  # noqa: E402,F401  (registers components)
-from .compat import trusted_checkpoints  # noqa: E402
+from .checkpoints import trusted_checkpoints  # noqa: E402
 from .version import __version__  # noqa: E402
 
 __all__ = ['__version__', 'trusted_checkpoints']

@@ -26,16 +26,21 @@ which names the explicit opt-in, unless the caller is inside
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import pickle
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ['PLAIN_TAG', 'UntrustedCheckpointError', 'from_plain', 'load_checkpoint_file',
-           'to_plain']
+__all__ = ['PLAIN_TAG', 'UntrustedCheckpointError', 'checkpoint_trusted', 'from_plain',
+           'load_checkpoint_file', 'to_plain', 'trusted_checkpoints']
+
+_TRUSTED = contextvars.ContextVar('grpo_rm_trusted_checkpoint', default=False)
 
 #: Key marking a dict that :func:`from_plain` turns back into an object.
 PLAIN_TAG = '__grpo_rm_plain__'
@@ -126,6 +131,31 @@ def from_plain(obj: Any) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def trusted_checkpoints() -> Iterator[None]:
+    """The explicit opt-in for checkpoints that pickle Python objects.
+
+    Outside this context every local checkpoint is read with ``weights_only=True`` (see
+    :func:`grpo_rm_mm.compat.patch_plain_checkpoints`): this project's own checkpoints are
+    plain data and load that way. A legacy file that pickles objects (e.g. one written by
+    mmengine without grpo_rm_mm, whose logging state holds ``HistoryBuffer`` objects) is
+    refused with an error naming this context. Inside it, such a file is read with
+    ``weights_only=False``: use it only for files you trust, since unpickling can run code.
+    ``--cfg-options trusted_checkpoints=True`` does the same for ``tools/train.py``,
+    ``tools/test.py`` and ``tools/test_ood.py``.
+    """
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def checkpoint_trusted() -> bool:
+    """Whether the current context trusts local checkpoints (see :func:`trusted_checkpoints`)."""
+    return _TRUSTED.get()
+
+
 def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
     """``torch.load(filename, weights_only=True)``, then :func:`from_plain`.
 
@@ -135,8 +165,6 @@ def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
             :func:`grpo_rm_mm.trusted_checkpoints` is not active. Inside it, such a file is
             read with ``weights_only=False``.
     """
-    from .compat import checkpoint_trusted
-
     try:
         return from_plain(torch.load(filename, map_location=map_location, weights_only=True))
     except pickle.UnpicklingError as err:

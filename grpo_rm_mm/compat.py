@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import contextvars
 import functools
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 _APPLIED: list[str] = []
-_TRUSTED = contextvars.ContextVar('grpo_rm_trusted_checkpoint', default=False)
 
 
 def _once(fn: Callable[[], bool]) -> Callable[[], bool]:
@@ -46,30 +44,6 @@ def _once(fn: Callable[[], bool]) -> Callable[[], bool]:
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def trusted_checkpoints() -> Iterator[None]:
-    """The explicit opt-in for checkpoints that pickle Python objects.
-
-    Outside this context every local checkpoint is read with ``weights_only=True`` (see
-    :func:`patch_plain_checkpoints`): this project's own checkpoints are plain data and load
-    that way. A legacy file that pickles objects (e.g. one written by mmengine without
-    grpo_rm_mm, whose logging state holds ``HistoryBuffer`` objects) is refused with an error
-    naming this context. Inside it, such a file is read with ``weights_only=False``: use it only
-    for files you trust, since unpickling can run code. ``--cfg-options trusted_checkpoints=True``
-    does the same for ``tools/train.py``, ``tools/test.py`` and ``tools/test_ood.py``.
-    """
-    token = _TRUSTED.set(True)
-    try:
-        yield
-    finally:
-        _TRUSTED.reset(token)
-
-
-def checkpoint_trusted() -> bool:
-    """Whether the current context trusts local checkpoints (see :func:`trusted_checkpoints`)."""
-    return _TRUSTED.get()
-
 
 @_once
 def patch_plain_checkpoints() -> bool:

@@ -13,7 +13,7 @@ import torch
 from conftest import free_port, run_cmd
 
 import grpo_rm_mm
-from grpo_rm_mm import compat
+from grpo_rm_mm import checkpoints, compat
 
 
 def run_snippet(code: str, patched: bool, **env: str):
@@ -66,7 +66,7 @@ def test_legacy_checkpoint_is_refused_naming_the_opt_in(tmp_path: Path) -> None:
         loaded = _load_checkpoint(str(ckpt), map_location='cpu')
     assert loaded['meta']['epoch'] == 1
     assert isinstance(loaded['message_hub']['log_scalars']['loss'], HistoryBuffer)
-    assert not compat.checkpoint_trusted()
+    assert not checkpoints.checkpoint_trusted()
 
 
 RUNNER_SNIPPET = '''

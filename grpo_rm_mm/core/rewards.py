@@ -18,10 +18,10 @@ from torch import Tensor
 
 RewardFn = Callable[..., Tensor]
 
-__all__ = ['RewardFn', 'accuracy_reward', 'accuracy_reward_add_unchecked',
+__all__ = ['FUSED_REWARDS', 'RewardFn', 'accuracy_reward', 'accuracy_reward_add_unchecked',
            'accuracy_reward_unchecked', 'check_reward_inputs',
            'confidence_penalty_reward', 'confidence_penalty_reward_unchecked',
-           'uniformity_reward', 'uniformity_reward_unchecked']
+           'fused_reward_terms', 'uniformity_reward', 'uniformity_reward_unchecked']
 
 
 def check_reward_inputs(probs: Tensor, labels: Tensor,
@@ -154,7 +154,7 @@ def confidence_penalty_reward_unchecked(probs: Tensor, labels: Tensor, dim: int 
 # functions named ``<name>_reward_unchecked`` / ``<name>_reward_add_unchecked`` are attached
 # to ``<name>_reward``, so a reward and its kernels are found by their names alone.
 # Each also carries ``fused_term = (name, 1.0)``: it is the reward ``name`` with coefficient 1,
-# which the compiled kernel of the fused objective computes itself (:mod:`.native`).
+# which the compiled backends of the fused objective compute themselves (:mod:`.backends`).
 for _name, _fn in list(globals().items()):
     if _name.endswith('_reward') and callable(_fn) and not _name.startswith('_'):
         _fn.fused_term = (_name[:-len('_reward')], 1.0)
@@ -163,3 +163,24 @@ for _name, _fn in list(globals().items()):
             if callable(_kernel):
                 setattr(_fn, _suffix, _kernel)
 del _name, _fn, _suffix, _kernel
+
+
+#: reward names the compiled backends compute (``fused_term[0]``), in the order of
+#: :func:`fused_reward_terms`' coefficients
+FUSED_REWARDS = ('accuracy', 'uniformity', 'confidence_penalty')
+
+
+def fused_reward_terms(rewards: object) -> tuple[float, float, float] | None:
+    """The summed coefficients of :data:`FUSED_REWARDS` in a reward spec (a callable or a
+    sequence of them), or None if one of its rewards carries no ``fused_term`` of those names
+    (a custom callable, a reward tensor)."""
+    if torch.is_tensor(rewards):
+        return None
+    fns = [rewards] if callable(rewards) else list(rewards)
+    coeffs = [0.0, 0.0, 0.0]
+    for fn in fns:
+        term = getattr(fn, 'fused_term', None)
+        if term is None or term[0] not in FUSED_REWARDS:
+            return None
+        coeffs[FUSED_REWARDS.index(term[0])] += float(term[1])
+    return coeffs[0], coeffs[1], coeffs[2]

@@ -81,7 +81,7 @@ def checkpoint_trust(cfg: Config) -> contextlib.AbstractContextManager:
     ``--cfg-options trusted_checkpoints=True``) opts in to reading checkpoints that pickle
     Python objects (legacy mmengine files), else nothing (every checkpoint is read with
     ``weights_only=True``)."""
-    from ..compat import trusted_checkpoints
+    from ..checkpoints import trusted_checkpoints
     trust = cfg.get('trusted_checkpoints', False)
     if not isinstance(trust, bool):
         raise ValueError(f'trusted_checkpoints={trust!r} must be True or False')

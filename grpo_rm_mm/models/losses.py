@@ -24,8 +24,9 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..core.advantages import check_advantage_options
-from ..core.fused import FUSED_SURROGATES, FUSED_WEIGHTINGS, grpo_rm_loss_fused
-from ..core.objective import check_objective_options, grpo_rm_loss
+from ..core.dispatch import backend_names
+from ..core.fused import grpo_rm_loss_fused
+from ..core.objective import check_objective_options
 from .rewards import build_reward
 
 __all__ = ['GRPORMLoss']
@@ -34,12 +35,6 @@ DEFAULT_REWARDS = (dict(type='AccuracyReward', weight=1.0),
                    dict(type='UniformityReward', weight=1.0))
 
 _KNOWN_IGNORED_KWARGS = ('reduction_override', )
-IMPLEMENTATIONS = ('fused', 'reference')
-
-
-def _flatten_dense(x: Tensor) -> Tensor:
-    """(N, C, *S) -> (N * prod(S), C)."""
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
 @MODELS.register_module()
@@ -73,11 +68,16 @@ class GRPORMLoss(nn.Module):
         loss_name: key of the loss in the head's loss dict; must start with ``loss_``.
         log_diagnostics: push ``train/grpo_*`` scalars to mmengine's MessageHub after each
             call (for foreign heads; GRPO-RM heads set False and merge ``last_diagnostics``).
-        implementation: 'fused' (:func:`grpo_rm_mm.core.fused.grpo_rm_loss_fused`: chunked,
-            closed-form gradient, about the memory of cross-entropy, one host sync per call)
-            or 'reference' (:func:`grpo_rm_mm.core.grpo_rm_loss`, the straightforward autograd
+        backend: which implementation computes the objective
+            (:mod:`grpo_rm_mm.core.dispatch`): 'auto' (default: Triton on CUDA, the compiled
+            kernel on the CPU, chunks of torch operations elsewhere; each computes the
+            gradient in closed form at about the memory of cross-entropy, with one host sync
+            per call), one of those by name ('triton', 'cpu_native', 'torch_chunked'; an error
+            says why when it cannot run a call) or 'reference'
+            (:func:`grpo_rm_mm.core.grpo_rm_loss`, the straightforward autograd
             implementation). Same values, gradients, diagnostics and errors.
-        chunk_size: queries per chunk of the fused implementation (None: its default).
+        chunk_size: queries per chunk of the torch_chunked backend (None: sized for the
+            device).
 
     ``avg_factor`` is accepted and ignored: the loss is already a mean over valid queries.
     After each call, ``last_diagnostics`` holds detached scalars (see ``grpo_rm_loss``) and
@@ -92,7 +92,7 @@ class GRPORMLoss(nn.Module):
                  log_diagnostics: bool = True, group_weighting: str = 'pi_old',
                  surrogate: str = 'clip', clip_eps_low: float | None = None,
                  clip_eps_high: float | None = None, dual_clip_c: float = 3.0,
-                 group_size: int = 8, seed: int = 0, implementation: str = 'fused',
+                 group_size: int = 8, seed: int = 0, backend: str = 'auto',
                  chunk_size: int | None = None) -> None:
         super().__init__()
         for name, value, low in (('clip_eps', clip_eps, 'gt'), ('beta', beta, 'ge'),
@@ -109,15 +109,9 @@ class GRPORMLoss(nn.Module):
             raise ValueError(f'GRPORMLoss: {err}') from None
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f'GRPORMLoss: seed={seed!r} must be an int')
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f'GRPORMLoss: implementation={implementation!r} is unknown; use one '
-                             f'of {IMPLEMENTATIONS}')
-        if implementation == 'fused' and (group_weighting not in FUSED_WEIGHTINGS
-                                          or surrogate not in FUSED_SURROGATES):
-            raise ValueError(f"GRPORMLoss: implementation='fused' supports group_weighting in "
-                             f'{FUSED_WEIGHTINGS} and surrogate in {FUSED_SURROGATES}; use '
-                             f"implementation='reference' for {group_weighting!r} / "
-                             f'{surrogate!r}')
+        if backend not in backend_names():
+            raise ValueError(f'GRPORMLoss: backend={backend!r} is unknown; use one of '
+                             f'{backend_names()}')
         if chunk_size is not None and (isinstance(chunk_size, bool)
                                        or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f'GRPORMLoss: chunk_size={chunk_size!r} must be a positive int or '
@@ -154,7 +148,7 @@ class GRPORMLoss(nn.Module):
         self.dual_clip_c = float(dual_clip_c)
         self.group_size = group_size
         self.seed = seed
-        self.implementation = implementation
+        self.backend = backend
         self.chunk_size = chunk_size
         # outer calls that drew a group ('sampled' only); a buffer so that it is checkpointed
         self.register_buffer('group_draws', torch.zeros((), dtype=torch.long)
@@ -176,7 +170,7 @@ class GRPORMLoss(nn.Module):
                 f'surrogate={self.surrogate!r}, clip_eps={self.clip_eps}, beta={self.beta}, '
                 f'adv_std={self.adv_std!r}, adv_eps={self.adv_eps}, '
                 f'adv_scale={self.adv_scale!r}, loss_weight={self.loss_weight}, '
-                f'ignore_index={self.ignore_index}, implementation={self.implementation!r}')
+                f'ignore_index={self.ignore_index}, backend={self.backend!r}')
 
     # ------------------------------------------------------------------ sampled groups
     def _forget_host_draws(self, *args) -> None:
@@ -203,17 +197,10 @@ class GRPORMLoss(nn.Module):
         self.last_group_seed = group_seed
         return torch.Generator(device=device).manual_seed(group_seed)
 
-    def _rewards(self, probs: Tensor, labels: Tensor) -> Tensor:
-        total = torch.zeros_like(probs)
-        for fn in self.reward_fns:
-            total = total + fn(probs, labels)
-        return total
-
     def _as_queries(self, pred: Tensor, target: Tensor, weight: Tensor | None,
-                    old_logits: Tensor | None, ref_logits: Tensor | None, flatten: bool = True):
-        """Check the shapes; flatten (N, C, H, W) predictions into (N*H*W, C) queries (or,
-        with ``flatten=False``, return them dense with (N, H, W) labels and weights: the
-        fused objective reads them in place)."""
+                    old_logits: Tensor | None, ref_logits: Tensor | None):
+        """Check the shapes; (N, C, H, W) predictions stay dense, with (N, H, W) labels and
+        weights (the objective reads them in place as queries)."""
         if not torch.is_tensor(pred) or pred.ndim < 2:
             raise ValueError(f'GRPORMLoss: pred must be (N, C) or (N, C, H, W) logits, got '
                              f'{getattr(pred, "shape", type(pred).__name__)}')
@@ -247,12 +234,7 @@ class GRPORMLoss(nn.Module):
             if tuple(weight.shape) != expected:
                 raise ValueError(f'GRPORMLoss: weight of shape {tuple(weight.shape)} does not '
                                  f'match seg_label of shape {expected}')
-        if not flatten:
-            return pred, target, weight, old_logits, ref_logits
-        if weight is not None:
-            weight = weight.reshape(-1)
-        flat = [None if x is None else _flatten_dense(x) for x in (old_logits, ref_logits)]
-        return _flatten_dense(pred), target.reshape(-1), weight, flat[0], flat[1]
+        return pred, target, weight, old_logits, ref_logits
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
                 avg_factor: float | None = None, ignore_index: int | None = None,
@@ -262,8 +244,8 @@ class GRPORMLoss(nn.Module):
         """Scalar loss; see the class docstring for the shapes. ``group_seed``: reuse the
         draws of an earlier call ('sampled'; GRPO-RM heads pass it in inner steps).
         ``validated``: the labels were validated by an earlier call on the same batch (inner
-        steps on a cached batch): the fused implementation skips their check.
-        ``diagnostics``: False lets the fused implementation skip them (``last_diagnostics``
+        steps on a cached batch): the closed-form backends skip their check.
+        ``diagnostics``: False lets the closed-form backends skip them (``last_diagnostics``
         then holds ``grpo_queries`` and ``grpo_ignored_batches`` only); GRPO-RM heads pass
         False in inner steps, whose diagnostics are not logged."""
         for key, value in kwargs.items():
@@ -276,9 +258,8 @@ class GRPORMLoss(nn.Module):
         dense = torch.is_tensor(pred) and pred.ndim > 2
         if ignore_index is None and dense:
             ignore_index = self.ignore_index
-        fused = self.implementation == 'fused'
         logits, labels, w, old, ref = self._as_queries(pred, target, weight, old_logits,
-                                                       ref_logits, flatten=not fused)
+                                                       ref_logits)
         options = dict(
             old_logits=old, ref_logits=ref, clip_eps=self.clip_eps, beta=self.beta,
             ignore_index=ignore_index, weight=w, adv_std=self.adv_std, adv_eps=self.adv_eps,
@@ -286,14 +267,12 @@ class GRPORMLoss(nn.Module):
             surrogate=self.surrogate, clip_eps_low=self.clip_eps_low,
             clip_eps_high=self.clip_eps_high, dual_clip_c=self.dual_clip_c,
             group_size=self.group_size, generator=self._generator(logits.device, group_seed))
-        if fused:
-            # the reward objects themselves: the registered ones carry unchecked kernels
-            loss, diagnostics = grpo_rm_loss_fused(logits, labels, self.reward_fns,
-                                                   validated=validated,
-                                                   chunk_size=self.chunk_size,
-                                                   diagnostics=diagnostics, **options)
-        else:
-            loss, diagnostics = grpo_rm_loss(logits, labels, self._rewards, **options)
+        # the reward objects themselves: the registered ones carry their fused terms and
+        # unchecked kernels
+        loss, diagnostics = grpo_rm_loss_fused(logits, labels, self.reward_fns,
+                                               validated=validated, chunk_size=self.chunk_size,
+                                               diagnostics=diagnostics, backend=self.backend,
+                                               **options)
         if float(diagnostics['grpo_queries']) == 0:
             self._note_ignored_batch(tuple(pred.shape), ignore_index)
         diagnostics['grpo_ignored_batches'] = torch.tensor(float(self.ignored_batches))

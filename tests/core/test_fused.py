@@ -51,10 +51,10 @@ def make_inputs(seed: int, n: int, c: int, spatial: tuple[int, ...], dtype, logi
     return cast(z), labels, cast(old), cast(ref), cast(weight)
 
 
-def run_both(z, labels, old, ref, weight, rewards, chunk_size=None, seed=7, kernel='auto',
+def run_both(z, labels, old, ref, weight, rewards, chunk_size=None, seed=7, backend='auto',
              **opts):
     """(loss, grad, diagnostics) of the reference (on flattened queries) and the fused
-    objective (on the tensors as given, by ``kernel``), with the same 'sampled' generator
+    objective (on the tensors as given, by ``backend``), with the same 'sampled' generator
     state."""
     dense = z.ndim > 2
     za = (flat(z) if dense else z).detach().clone().requires_grad_(True)
@@ -68,7 +68,7 @@ def run_both(z, labels, old, ref, weight, rewards, chunk_size=None, seed=7, kern
     loss, diag = grpo_rm_loss_fused(zb, labels, rewards, old_logits=old, ref_logits=ref,
                                     weight=weight, ignore_index=255, chunk_size=chunk_size,
                                     generator=torch.Generator().manual_seed(seed),
-                                    kernel=kernel, **opts)
+                                    backend=backend, **opts)
     loss.backward()
     grad = flat(zb.grad) if dense else zb.grad
     return (ref_loss, za.grad, ref_diag), (loss, grad, diag)
@@ -104,7 +104,7 @@ def assert_match(ref, fused, rtol: float, n_terms: int) -> None:
 # ---------------------------------------------------------------------- values and gradients
 # 'auto' takes the compiled CPU kernel for the weightings it covers ('uniform', 'pi_old') and
 # the torch implementation for 'sampled'; 'torch' always the torch implementation
-@pytest.mark.parametrize('kernel', ['torch', 'auto'])
+@pytest.mark.parametrize('kernel', ['torch_chunked', 'auto'])
 # derandomized (as tests/core/test_properties.py): the same examples on every run, so that a
 # run-to-run exploration of float rounding corners cannot flip CI
 @settings(max_examples=80, deadline=None, derandomize=True, database=None,
@@ -131,16 +131,16 @@ def test_fused_equals_reference_float64(kernel, seed, n, c, spatial, weighting, 
                 adv_scale=scale, adv_eps=adv_eps, clip_eps=clip_eps, clip_eps_low=low,
                 clip_eps_high=high, dual_clip_c=1.5)
     ref_out, fused_out = run_both(z, labels, old, ref, weight, REWARD_SETS[rewards],
-                                  chunk_size=chunk, kernel=kernel, **opts)
+                                  chunk_size=chunk, backend=kernel, **opts)
     # the compiled kernel's exponentials are the C library's, the reference's torch's (each
     # within an ulp): on the ill-conditioned inputs drawn here (pi_old logits 40 apart make
     # Kish's n / (n - 1) ~1e3 and losses that are cancellations) the two agree to ~1e-10;
     # tests/core/test_native.py checks the kernel at 1e-12 on well-conditioned inputs
-    rtol = 1e-12 if kernel == 'torch' or weighting == 'sampled' else 1e-9
+    rtol = 1e-12 if kernel == 'torch_chunked' or weighting == 'sampled' else 1e-9
     assert_match(ref_out, fused_out, rtol=rtol, n_terms=int((labels != 255).sum()))
 
 
-@pytest.mark.parametrize('kernel', ['torch', 'auto'])
+@pytest.mark.parametrize('kernel', ['torch_chunked', 'auto'])
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 10_000), weighting=st.sampled_from(WEIGHTINGS),
        surrogate=st.sampled_from(SURROGATES), old_scale=st.sampled_from([None, 0.1, 1.0]),
@@ -152,7 +152,7 @@ def test_fused_equals_reference_float32(kernel, seed, weighting, surrogate, old_
     ref_out, fused_out = run_both(z, labels, old, ref, weight, REWARD_SETS['acc+uni'],
                                   chunk_size=7, group_weighting=weighting,
                                   surrogate=surrogate, beta=beta, dual_clip_c=1.5,
-                                  kernel=kernel)
+                                  backend=kernel)
     assert_match(ref_out, fused_out, rtol=1e-5, n_terms=int((labels != 255).sum()))
 
 
@@ -375,7 +375,7 @@ def test_host_syncs_per_call(weighting: str, expected: int, validated: bool) -> 
                                      ref_logits=ref, weight=weight, beta=0.1, ignore_index=255,
                                      group_weighting=weighting, chunk_size=5,
                                      generator=torch.Generator().manual_seed(0),
-                                     validated=validated, kernel='torch')
+                                     validated=validated, backend='torch_chunked')
         loss.backward()
     assert counter.reads == ['tolist'] * expected
     # the reference reads the device many times (one check after another)
@@ -387,7 +387,7 @@ def test_host_syncs_per_call(weighting: str, expected: int, validated: bool) -> 
     assert len(counter.reads) > expected + 3
 
 
-@pytest.mark.parametrize('kernel', ['torch', 'auto'])
+@pytest.mark.parametrize('kernel', ['torch_chunked', 'auto'])
 def test_pi_old_probability_underflow_is_redone_with_the_exact_flat_test(kernel: str) -> None:
     # rows whose pi_old puts all mass on one output (the others underflow to exactly 0) form
     # flat groups: advantages 0, as the reference decides over the weighted outputs only (the
@@ -397,15 +397,15 @@ def test_pi_old_probability_underflow_is_redone_with_the_exact_flat_test(kernel:
     z[3:] = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=D)
     labels = torch.tensor([0, 1, 2, 0, 1, 3])
     ref_out, fused_out = run_both(z, labels, None, None, None, REWARD_SETS['acc+uni'],
-                                  group_weighting='pi_old', kernel=kernel)
+                                  group_weighting='pi_old', backend=kernel)
     assert_match(ref_out, fused_out, rtol=1e-12, n_terms=6)
-    if kernel != 'torch':
+    if kernel != 'torch_chunked':
         return
     # the torch path's redo is the second host read of such a call (and of no other)
     zz = z.clone().requires_grad_(True)
     with HostSyncCounter() as counter:
         grpo_rm_loss_fused(zz, labels, REWARD_SETS['acc+uni'], group_weighting='pi_old',
-                           kernel='torch')
+                           backend='torch_chunked')
     assert counter.reads == ['tolist'] * 2
 
 
@@ -426,14 +426,14 @@ def test_backward_scales_the_saved_gradient_once() -> None:
         loss.backward()
 
 
-@pytest.mark.parametrize('kernel', ['torch', 'auto'])
+@pytest.mark.parametrize('kernel', ['torch_chunked', 'auto'])
 def test_backward_of_the_loss_itself_returns_the_saved_gradient(kernel: str) -> None:
     """grad_loss 1 on the CPU: the saved gradient is returned unscaled (no pass over it), the
     same values as the reference's, and a second backward is still refused."""
     z, labels, old, ref, weight = make_inputs(4, 6, 5, (), D, 1.0, 0.5, 0.0, False, False)
     za = z.clone().requires_grad_(True)
     loss, _ = grpo_rm_loss_fused(za, labels, REWARD_SETS['acc+uni'], old_logits=old,
-                                 group_weighting='pi_old', kernel=kernel)
+                                 group_weighting='pi_old', backend=kernel)
     loss.backward(retain_graph=True)
     zb = z.clone().requires_grad_(True)
     ref_loss, _ = grpo_rm_loss(zb, labels, REWARD_SETS['acc+uni'], old_logits=old,

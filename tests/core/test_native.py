@@ -1,6 +1,6 @@
-"""The fused objective's compiled CPU kernel (grpo_rm_mm.core.native) against the reference
-implementation (the oracle) and the torch implementation: every build the CPU runs, every
-option the kernel covers, tile boundaries, threads, and which calls take it."""
+"""The fused objective's compiled CPU kernel (grpo_rm_mm.core.backends.cpu_native) against
+the reference implementation (the oracle) and the torch_chunked backend: every build the CPU
+runs, every option the kernel covers, tile boundaries, threads, and which calls take it."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from grpo_rm_mm.core import native
+from grpo_rm_mm.core.backends import cpu_native as native
 from grpo_rm_mm.core.fused import grpo_rm_loss_fused
 from grpo_rm_mm.core.objective import grpo_rm_loss
 from grpo_rm_mm.core.rewards import (
@@ -87,11 +87,11 @@ def reference(x: dict, rewards, **opts):
     return loss.detach(), za.grad, diag
 
 
-def fused(x: dict, rewards, kernel: str, **opts):
+def fused(x: dict, rewards, backend: str, **opts):
     zb = x['logits'].clone().requires_grad_(True)
     loss, diag = grpo_rm_loss_fused(zb, x['labels'], rewards, old_logits=x['old_logits'],
                                     ref_logits=x['ref_logits'], weight=x['weight'],
-                                    valid=x['valid'], ignore_index=255, kernel=kernel, **opts)
+                                    valid=x['valid'], ignore_index=255, backend=backend, **opts)
     loss.backward()
     return loss.detach(), flat(zb.grad), diag
 
@@ -134,7 +134,7 @@ def test_kernel_equals_reference(build, layout, dtype, rtol, weighting, surrogat
         opts = dict(group_weighting=weighting, surrogate=surrogate, beta=0.1 if ref else 0.0,
                     adv_std=adv[0], adv_scale=adv[1], clip_eps_low=0.1, clip_eps_high=0.28,
                     dual_clip_c=1.5)
-        assert_close(fused(x, REWARDS[rewards], 'native', **opts),
+        assert_close(fused(x, REWARDS[rewards], 'cpu_native', **opts),
                      reference(x, REWARDS[rewards], **opts), rtol)
 
 
@@ -145,7 +145,7 @@ def test_tile_boundaries(build, layout, shape) -> None:
     than a tile; rows of whole vectors and rows with a partial last vector."""
     x = inputs(1, shape[0], shape[1], tuple(shape[2:]), torch.float64, True, True, True, False)
     opts = dict(group_weighting='pi_old', beta=0.05)
-    assert_close(fused(x, REWARDS['acc+uni'], 'native', **opts),
+    assert_close(fused(x, REWARDS['acc+uni'], 'cpu_native', **opts),
                  reference(x, REWARDS['acc+uni'], **opts), 1e-12)
 
 
@@ -161,11 +161,11 @@ def test_classes_last_logits_are_read_in_place(build, layout, old_layout) -> Non
         x['old_logits'] = x['old_logits'].contiguous(**last)
         x['ref_logits'] = x['ref_logits'].contiguous(**last)
     opts = dict(group_weighting='pi_old', beta=0.05)
-    got = fused(x, REWARDS['all three'], 'native', **opts)
+    got = fused(x, REWARDS['all three'], 'cpu_native', **opts)
     assert_close(got, reference(x, REWARDS['all three'], **opts), 1e-12)
     z = x['logits'].clone().requires_grad_(True)
     grpo_rm_loss_fused(z, x['labels'], REWARDS['acc'], ignore_index=255,
-                       kernel='native')[0].backward()
+                       backend='cpu_native')[0].backward()
     assert z.grad.stride() == z.stride()
     b, c = z.shape[:2]
     kp = native.plan(z.detach().reshape(b, c, -1), x['labels'].reshape(b, -1), None, None,
@@ -182,15 +182,15 @@ def test_logits_far_from_zero(build, layout, offset) -> None:
     for key in ('logits', 'old_logits', 'ref_logits'):
         x[key] = x[key] + offset
     opts = dict(group_weighting='pi_old', beta=0.05)
-    assert_close(fused(x, REWARDS['acc+uni'], 'native', **opts),
+    assert_close(fused(x, REWARDS['acc+uni'], 'cpu_native', **opts),
                  reference(x, REWARDS['acc+uni'], **opts), 1e-5)
 
 
 def test_kernel_equals_torch_implementation_float32(build) -> None:
     x = inputs(5, 4, 21, (30, 30), torch.float32, True, True, True, True)
     opts = dict(group_weighting='pi_old', beta=0.1)
-    assert_close(fused(x, REWARDS['acc+uni'], 'native', **opts),
-                 fused(x, REWARDS['acc+uni'], 'torch', **opts), 1e-5)
+    assert_close(fused(x, REWARDS['acc+uni'], 'cpu_native', **opts),
+                 fused(x, REWARDS['acc+uni'], 'torch_chunked', **opts), 1e-5)
 
 
 def test_threads_split_the_queries_without_changing_the_result(monkeypatch) -> None:
@@ -198,7 +198,7 @@ def test_threads_split_the_queries_without_changing_the_result(monkeypatch) -> N
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = fused(x, REWARDS['acc+uni'], 'native', group_weighting='pi_old')
+        one = fused(x, REWARDS['acc+uni'], 'cpu_native', group_weighting='pi_old')
         torch.set_num_threads(3)
         calls = []
         run = native._objective_cpu.objective
@@ -208,7 +208,7 @@ def test_threads_split_the_queries_without_changing_the_result(monkeypatch) -> N
             return run(*args)
 
         monkeypatch.setattr(native._objective_cpu, 'objective', counted, raising=False)
-        three = fused(x, REWARDS['acc+uni'], 'native', group_weighting='pi_old')
+        three = fused(x, REWARDS['acc+uni'], 'cpu_native', group_weighting='pi_old')
     finally:
         torch.set_num_threads(threads)
     assert sorted(calls) == [(0, 17066), (17066, 34133), (34133, 51200)]
@@ -223,9 +223,9 @@ def test_threads_split_the_rows_without_changing_the_result(monkeypatch) -> None
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = fused(x, REWARDS['acc+uni'], 'native', group_weighting='pi_old')
+        one = fused(x, REWARDS['acc+uni'], 'cpu_native', group_weighting='pi_old')
         torch.set_num_threads(3)
-        two = fused(x, REWARDS['acc+uni'], 'native', group_weighting='pi_old')
+        two = fused(x, REWARDS['acc+uni'], 'cpu_native', group_weighting='pi_old')
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(two[1], one[1], rtol=0, atol=0)
@@ -247,7 +247,7 @@ def test_the_layout_follows_the_row_length_in_vectors(monkeypatch, c, dtype, spa
 
     monkeypatch.setattr(native._objective_cpu, 'objective', recorded, raising=False)
     x = inputs(0, 4, c, spatial, dtype, False, False, False, False)
-    fused(x, REWARDS['acc+uni'], 'native')
+    fused(x, REWARDS['acc+uni'], 'cpu_native')
     row_bytes = c * torch.empty((), dtype=dtype).element_size()
     rows = not spatial and row_bytes >= (native.ROW_MIN_VECTORS
                                          * native._objective_cpu.vector_bytes())
@@ -260,16 +260,16 @@ def test_which_calls_take_the_kernel(monkeypatch) -> None:
     monkeypatch.setattr(native, 'run', lambda *a, **k: calls.append(1) or run(*a, **k))
     x = inputs(0, 6, 4, (), torch.float32, False, False, False, False)
 
-    def takes(rewards=REWARDS['acc+uni'], kernel='auto', logits=None, **opts) -> bool:
+    def takes(rewards=REWARDS['acc+uni'], backend='auto', logits=None, **opts) -> bool:
         calls.clear()
         y = dict(x, logits=x['logits'] if logits is None else logits)
-        fused(y, rewards, kernel, **opts)
+        fused(y, rewards, backend, **opts)
         return bool(calls)
 
     assert takes() and takes(REWARDS['weighted classes'])
     assert takes(group_weighting='uniform') and takes(logits=x['logits'].double())
     assert not takes(group_weighting='sampled')
-    assert not takes(kernel='torch')
+    assert not takes(backend='torch_chunked')
     assert not takes(logits=x['logits'].bfloat16())
     assert not takes([lambda p, y: torch.zeros_like(p)])        # a custom reward callable
 
@@ -279,10 +279,11 @@ def test_which_calls_take_the_kernel(monkeypatch) -> None:
 
     assert Doubled().fused_term is None and not takes([Doubled()])
     assert AccuracyReward(weight=0.5).fused_term == ('accuracy', 0.5)
-    with pytest.raises(ValueError, match="kernel='native' does not cover this call"):
-        takes(kernel='native', group_weighting='sampled')
-    with pytest.raises(ValueError, match="kernel='cuda' is unknown"):
-        takes(kernel='cuda')
+    with pytest.raises(ValueError, match="backend='cpu_native' cannot run this call: it "
+                       "needs CPU float32/float64 logits, group_weighting in"):
+        takes(backend='cpu_native', group_weighting='sampled')
+    with pytest.raises(ValueError, match="backend='cuda' is unknown"):
+        takes(backend='cuda')
 
 
 @pytest.mark.parametrize('case', ['label', 'nan logit', 'inf old', 'nan weight'])
@@ -300,7 +301,7 @@ def test_bad_inputs_raise_the_reference_errors(build, layout, case) -> None:
     with pytest.raises(ValueError) as want:
         reference(x, REWARDS['acc+uni'])
     with pytest.raises(ValueError) as got:
-        fused(x, REWARDS['acc+uni'], 'native')
+        fused(x, REWARDS['acc+uni'], 'cpu_native')
     assert str(got.value) == str(want.value)
 
 
@@ -308,7 +309,7 @@ def test_bad_inputs_raise_the_reference_errors(build, layout, case) -> None:
 def test_all_ignored_batch_is_a_connected_zero(build, layout, shape) -> None:
     x = inputs(0, shape[0], shape[1], shape[2], torch.float32, False, False, False, False)
     x['labels'].fill_(255)
-    loss, grad, diag = fused(x, REWARDS['acc+uni'], 'native')
+    loss, grad, diag = fused(x, REWARDS['acc+uni'], 'cpu_native')
     assert float(loss) == 0.0 and not grad.any() and float(diag['grpo_queries']) == 0.0
 
 
@@ -328,7 +329,7 @@ def test_ratios_outside_the_clamp_or_of_underflowing_probabilities(build, layout
     old[20:28] = z[20:28] + 0.5 * torch.randn(8, 70, generator=g, dtype=dtype)
     old[40:44] *= 60                                                           # p_old does
     opts = dict(group_weighting='pi_old', surrogate=surrogate, dual_clip_c=2.0)
-    assert_close(fused(x, REWARDS['acc+uni'], 'native', **opts),
+    assert_close(fused(x, REWARDS['acc+uni'], 'cpu_native', **opts),
                  reference(x, REWARDS['acc+uni'], **opts), rtol)
 
 
@@ -343,5 +344,5 @@ def test_two_outputs_uniformity_is_exactly_flat(build, layout, adv_scale) -> Non
              old_logits=z + 40 * torch.randn(16, 2, generator=g, dtype=torch.float64),
              ref_logits=None, weight=None, valid=None)
     rewards = [uniformity_reward, confidence_penalty_reward]
-    assert_close(fused(x, rewards, 'native', adv_scale=adv_scale),
+    assert_close(fused(x, rewards, 'cpu_native', adv_scale=adv_scale),
                  reference(x, rewards, adv_scale=adv_scale), 1e-12)

@@ -1,4 +1,4 @@
-"""GRPORMLoss with the fused implementation (default) against implementation='reference':
+"""GRPORMLoss with the default backend ('auto': closed form) against backend='reference':
 dense and classification calls, the heads' inner steps (validated, pi_old = None on the first
 update), options, and a 2-process gloo run equal to one process."""
 import copy
@@ -30,7 +30,7 @@ def seg_batch(seed: int, n: int = 2, c: int = 5, h: int = 6, w: int = 7, ignored
 
 def loss_pair(**kwargs) -> tuple[GRPORMLoss, GRPORMLoss]:
     return (GRPORMLoss(log_diagnostics=False, **kwargs),
-            GRPORMLoss(log_diagnostics=False, implementation='reference', **kwargs))
+            GRPORMLoss(log_diagnostics=False, backend='reference', **kwargs))
 
 
 @pytest.mark.parametrize('weighting', ['uniform', 'pi_old', 'sampled'])
@@ -58,7 +58,7 @@ def test_dense_fused_equals_reference(weighting: str, surrogate: str) -> None:
 
 
 def test_classification_call_and_the_defaults() -> None:
-    assert GRPORMLoss().implementation == 'fused'
+    assert GRPORMLoss().backend == 'auto'
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(32, 10, generator=g)
     labels = torch.randint(0, 10, (32, ), generator=g)
@@ -71,19 +71,14 @@ def test_classification_call_and_the_defaults() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize('implementation', ['fused', 'reference'])
-@pytest.mark.parametrize('kernel', ['native', 'torch'])
+@pytest.mark.parametrize('backend', ['cpu_native', 'torch_chunked', 'reference'])
 @pytest.mark.parametrize('loss_weight', [1.0, 0.5])
-def test_losses_of_one_name_add_up_in_place(implementation: str, kernel: str,
-                                            loss_weight: float, monkeypatch) -> None:
+def test_losses_of_one_name_add_up_in_place(backend: str, loss_weight: float) -> None:
     """mmseg's decode heads sum losses that share a name in place
     (``loss[name] += loss_decode(...)``): the returned loss must allow it (a view returned
     by the autograd function would not), with the gradient of the sum."""
-    from grpo_rm_mm.core import native
-    if kernel == 'torch':
-        monkeypatch.setattr(native, 'AVAILABLE', False)
     logits, labels, _ = seg_batch(3)
-    first, second = (GRPORMLoss(log_diagnostics=False, implementation=implementation,
+    first, second = (GRPORMLoss(log_diagnostics=False, backend=backend,
                                 loss_weight=loss_weight) for _ in range(2))
     z = logits.clone().requires_grad_(True)
     total = first(z, labels)
@@ -95,9 +90,9 @@ def test_losses_of_one_name_add_up_in_place(implementation: str, kernel: str,
     assert z.grad.abs().sum() > 0
 
 
-def test_implementation_options_are_checked() -> None:
-    with pytest.raises(ValueError, match=r"implementation='fast' is unknown"):
-        GRPORMLoss(implementation='fast')
+def test_backend_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"backend='fast' is unknown; use one of \('auto', "):
+        GRPORMLoss(backend='fast')
     with pytest.raises(ValueError, match=r'chunk_size=0 must be a positive int'):
         GRPORMLoss(chunk_size=0)
 
@@ -141,11 +136,11 @@ def test_seg_head_inner_steps_fused_equal_reference(mmseg_scope, beta: float) ->
     labels = torch.randint(0, 5, (2, 8, 8))
     labels[:, 0] = 255
     weights = {}
-    for impl in ('fused', 'reference'):
+    for impl in ('auto', 'reference'):
         torch.manual_seed(1)
         head = SEG_MODELS.build(dict(type='GRPORMSegHead', in_channels=8, num_classes=5,
                                      loss_decode=dict(type='GRPORMLoss', beta=beta,
-                                                      implementation=impl)))
+                                                      backend=impl)))
         head.init_weights()
         head.train()
         wrapper = GRPOOptimWrapper(optimizer=torch.optim.SGD(head.parameters(), lr=0.5),
@@ -156,8 +151,8 @@ def test_seg_head_inner_steps_fused_equal_reference(mmseg_scope, beta: float) ->
         wrapper.update_params(losses['loss_grpo'])
         assert wrapper.inner_steps_taken == 2
         weights[impl] = copy.deepcopy(head.conv_seg.state_dict())
-    for key in weights['fused']:
-        torch.testing.assert_close(weights['fused'][key], weights['reference'][key],
+    for key in weights['auto']:
+        torch.testing.assert_close(weights['auto'][key], weights['reference'][key],
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -214,9 +209,9 @@ def test_two_processes_gloo_equal_one_process(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Conv2d(4, 5, 1)
     (x0, y0), (x1, y1) = ddp_batch(0), ddp_batch(1)
-    for impl in ('fused', 'reference'):
+    for impl in ('auto', 'reference'):
         model.zero_grad()
-        GRPORMLoss(log_diagnostics=False, implementation=impl)(
+        GRPORMLoss(log_diagnostics=False, backend=impl)(
             model(torch.cat([x0, x1])), torch.cat([y0, y1])).backward()
         torch.testing.assert_close(r0['w'], model.weight.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(r0['b'], model.bias.grad, rtol=1e-5, atol=1e-7)

@@ -1,10 +1,10 @@
-"""The fused objective's compiled CPU kernel (``csrc/objective_cpu.cpp``): its boundary.
+"""The compiled CPU backend of the fused objective (``core/csrc/objective_cpu.cpp``).
 
-The kernel computes, for a range of queries, what one chunk of :func:`.fused._chunk` computes
+The kernel computes, for a range of queries, what one chunk of the torch backend computes
 (loss terms, the diagnostics' sums and the closed-form gradient) in five passes over each
 query's outputs, vectorised either over a tile of queries or, where a query's outputs are
 adjacent (S == 1) and fill at least :data:`ROW_MIN_VECTORS` vectors, over the query's own
-outputs; the torch implementation of :mod:`.fused` does the same in some thirty separate
+outputs; the torch backend (:mod:`.torch_chunked`) does the same in some thirty separate
 passes. It covers:
 
 * CPU tensors, float32 or float64 logits (pi_old / pi_ref logits and query weights are cast to
@@ -14,18 +14,19 @@ passes. It covers:
 * the 'uniform' and 'pi_old' group weightings, both surrogates, KL to pi_ref, query weights, a
   valid mask, an ignore index, both advantage conventions;
 * rewards that carry a ``fused_term`` ``(name, coefficient)`` with a name of
-  :data:`KERNEL_REWARDS` (the registered accuracy, uniformity and confidence-penalty rewards
-  and their weighted registry classes), summed with their coefficients.
+  :data:`..rewards.FUSED_REWARDS` (the registered accuracy, uniformity and confidence-penalty
+  rewards and their weighted registry classes), summed with their coefficients.
 
 Anything else (CUDA tensors, bf16/fp16 logits, 'sampled' draws, custom reward callables or a
-reward tensor) takes the torch path; :func:`plan` says which. The kernel is built with the
+reward tensor) is not supported (:meth:`CpuNativeBackend.supports` says why): 'auto' then
+takes the torch backend. The kernel is built with the
 package (``setup.py``: a portable build and, on x86-64, AVX2 + FMA and AVX-512 ones; the
 widest the CPU runs is imported); where it could not be built, :data:`AVAILABLE` is False and
-every call takes the torch path.
+the backend is unavailable.
 
 The kernel checks nothing; :func:`plan` checks its arguments once (device, dtype, layout). A
-counted label outside [0, C) or a non-finite input value is reported back, and the caller then
-hands the call to the reference implementation, which raises its error.
+counted label outside [0, C) or a non-finite input value is reported back (the solution's
+``delegate``), and the caller then hands the call to the reference, which raises its error.
 
 Large inputs are split into ranges of queries run by ``torch.get_num_threads()`` threads (the
 kernel releases the GIL); each range returns its own sums, added in range order.
@@ -33,15 +34,20 @@ kernel releases the GIL); each range returns its own sums, added in range order.
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..dispatch import Backend
+from ..problem import Problem, Solution, diagnostics_from_sums
+from ..rewards import fused_reward_terms
+
 try:
-    from . import _objective_cpu  # type: ignore[attr-defined]
-except ImportError:  # built without a compiler: the torch implementation is used
+    from .. import _objective_cpu  # type: ignore[attr-defined]
+except ImportError:  # built without a compiler: the backend is unavailable
     _objective_cpu = None
 else:
     # the same kernel with wider vectors, the widest build the CPU runs
@@ -49,16 +55,14 @@ else:
                                ('_objective_cpu_avx2', _objective_cpu.cpu_has_avx2_fma)):
         if _supported():
             try:
-                _objective_cpu = importlib.import_module(f'.{_build}', __package__)
+                _objective_cpu = importlib.import_module(f'..{_build}', __package__)
                 break
             except ImportError:  # not built (a compiler without the instruction set)
                 pass
 
-__all__ = ['AVAILABLE', 'KERNEL_REWARDS', 'KernelPlan', 'kernel_reward_terms', 'plan', 'run']
+__all__ = ['AVAILABLE', 'CpuNativeBackend', 'KernelPlan', 'plan', 'run']
 
 AVAILABLE = _objective_cpu is not None
-#: reward names the kernel computes (``fused_term[0]``), in the order of its coefficients
-KERNEL_REWARDS = ('accuracy', 'uniformity', 'confidence_penalty')
 KERNEL_WEIGHTINGS = {'uniform': 0, 'pi_old': 1}
 KERNEL_SURROGATES = {'clip': 0, 'dual_clip': 1}
 #: elements (queries x C) per thread below which a call is not split
@@ -67,21 +71,6 @@ MIN_ELEMENTS_PER_THREAD = 1 << 18
 #: the kernel to vectorise across them (its row layout) rather than across a tile of queries
 #: (its tile layout): the crossover measured with 4-, 8- and 16-float vectors
 ROW_MIN_VECTORS = 16
-
-
-def kernel_reward_terms(rewards: object) -> tuple[float, float, float] | None:
-    """The summed coefficients of :data:`KERNEL_REWARDS` in a reward spec (a callable or a
-    sequence of them), or None if one of its rewards has no ``fused_term`` the kernel knows."""
-    if torch.is_tensor(rewards):
-        return None
-    fns = [rewards] if callable(rewards) else list(rewards)
-    coeffs = [0.0, 0.0, 0.0]
-    for fn in fns:
-        term = getattr(fn, 'fused_term', None)
-        if term is None or term[0] not in KERNEL_REWARDS:
-            return None
-        coeffs[KERNEL_REWARDS.index(term[0])] += float(term[1])
-    return coeffs[0], coeffs[1], coeffs[2]
 
 
 @dataclass
@@ -122,7 +111,7 @@ def plan(z: Tensor, y: Tensor, old: Tensor | None, ref: Tensor | None, valid: Te
             or weighting not in KERNEL_WEIGHTINGS or surrogate not in KERNEL_SURROGATES
             or y.is_floating_point() or y.dtype == torch.bool):
         return None
-    terms = kernel_reward_terms(rewards)
+    terms = fused_reward_terms(rewards)
     if terms is None:
         return None
     others = [x for x in (old, ref, valid, weight) if x is not None]
@@ -161,7 +150,7 @@ def run(kp: KernelPlan, grad: Tensor, *, ignore_index: int | None, weighting: st
     """Fill ``grad`` (``kp.z``'s shape, contiguous, its dtype) with the gradient of the
     loss (already divided by the number of counted queries) and return ``(n_valid, bad,
     sums)``: ``bad`` flags a counted label outside [0, C) or a non-finite input value;
-    ``sums`` are the 8 sums over the counted queries of :class:`.fused._Accumulator`."""
+    ``sums`` are the 8 sums over the counted queries of :data:`..problem.STAT_ROWS`."""
     b, c, s = kp.z.shape
     queries = b * s
     has_ignore = ignore_index is not None
@@ -198,3 +187,57 @@ def run(kp: KernelPlan, grad: Tensor, *, ignore_index: int | None, weighting: st
         bad |= bool(bad_label or nonfinite)
         sums = [a + v for a, v in zip(sums, part)]
     return n_valid, bad, sums
+
+
+class CpuNativeBackend(Backend):
+    """The compiled kernel (module doc); no host synchronisation (CPU tensors)."""
+
+    name = 'cpu_native'
+
+    def supports(self, problem: Problem) -> str | None:
+        return self._plan(problem)[1]
+
+    def _plan(self, problem: Problem) -> tuple[KernelPlan | None, str | None]:
+        """The kernel's arguments, made once per call (kept in ``problem.prepared``), or the
+        reason it cannot run."""
+        if self.name in problem.prepared:
+            return problem.prepared[self.name]
+        problem.prepared[self.name] = answer = self._make_plan(problem)
+        return answer
+
+    def _make_plan(self, problem: Problem) -> tuple[KernelPlan | None, str | None]:
+        if not AVAILABLE:
+            return None, 'the compiled CPU kernel was not built (no compiler at install time)'
+        if problem.reward_tensor is None:
+            kp = plan(problem.z, problem.y, problem.old, problem.ref, problem.valid,
+                      problem.weight, problem.rewards, problem.weighting, problem.surrogate)
+            if kp is not None:
+                return kp, None
+        return None, (f'it needs CPU float32/float64 logits, group_weighting in '
+                      f'{tuple(KERNEL_WEIGHTINGS)}, surrogate in {tuple(KERNEL_SURROGATES)} '
+                      f'and rewards of grpo_rm_mm.core.rewards (or their registered classes); '
+                      f'got {problem.device.type} {problem.z.dtype}, {problem.weighting!r}, '
+                      f'{problem.surrogate!r}')
+
+    def solve(self, problem: Problem) -> Solution:
+        kp, reason = self._plan(problem)
+        if kp is None:
+            raise ValueError(f'the cpu_native backend cannot run this call: {reason}')
+        grad_rows, grad = kp.gradient(problem.shape)
+        n_valid, bad, sums = run(
+            kp, grad_rows, ignore_index=problem.ignore_index, weighting=problem.weighting,
+            surrogate=problem.surrogate, eps_low=problem.eps_low, eps_high=problem.eps_high,
+            dual_clip_c=problem.dual_clip_c, beta=problem.beta, adv_std=problem.adv_std,
+            adv_scale=problem.adv_scale, adv_eps=problem.adv_eps,
+            diagnostics=problem.diagnostics)
+        inv_n = 1.0 / max(n_valid, 1)
+        means = [v * inv_n for v in sums]
+        # the loss a tensor of its own (not a view: it may be added to in place, as mmseg's
+        # decode heads sum losses of one name)
+        return Solution(loss=torch.tensor(means[0], dtype=problem.cdt), grad=grad,
+                        n_valid=n_valid, delegate=bad or not all(map(math.isfinite, sums)),
+                        diagnostics=diagnostics_from_sums(means, n_valid, problem.num_classes,
+                                                          problem.diagnostics, problem.cdt))
+
+
+BACKEND = CpuNativeBackend()

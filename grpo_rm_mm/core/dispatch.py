@@ -1,0 +1,98 @@
+"""The fused objective's backends: one registry, one selection. Plain torch.
+
+A backend computes one call of the objective (a :class:`.problem.Problem`) and answers a
+:class:`.problem.Solution`. The registered ones, in the order ``backend='auto'`` tries them:
+
+============== ========================================================================
+name           runs
+============== ========================================================================
+triton         CUDA tensors (:mod:`.backends.triton_cuda`; CPU tensors only under
+               ``TRITON_INTERPRET=1``): one kernel launch, pixels on the contiguous axis
+cpu_native     CPU float32 / float64 tensors (:mod:`.backends.cpu_native`, the compiled
+               kernel built with the package)
+torch_chunked  any device and dtype (:mod:`.backends.torch_chunked`): chunks of torch ops
+reference      everything (:mod:`.backends.reference`: :func:`.objective.grpo_rm_loss`,
+               autograd); 'auto' reaches it only for a weighting or surrogate that has no
+               closed form
+============== ========================================================================
+
+Subclass contract (:class:`Backend`):
+
+* ``name``: the registry key, what a config's ``backend=`` names.
+* ``supports(problem) -> str | None``: None when the backend can run the call, else the reason
+  it cannot (a sentence; it ends up in the error of an explicit ``backend=`` that cannot run).
+  It must be cheap and must not read device memory back to the host (it may run a one-time
+  self-check per device).
+* ``solve(problem) -> Solution``: the loss, its closed-form gradient with respect to the
+  logits (``closed_form = True``: the shared autograd Function of :mod:`.fused` saves it), the
+  number of counted queries, whether a data check failed (``delegate``: the caller then calls
+  the reference, which raises the error) and the diagnostics. The options are validated
+  before; a backend checks nothing but the data.
+* ``closed_form = False`` (the reference only): ``solve`` returns a loss differentiable by
+  autograd and ``grad`` None.
+
+Adding a backend is one module that defines a :class:`Backend` subclass and calls
+:func:`register_backend` on an instance, plus its import in :mod:`.backends`.
+"""
+from __future__ import annotations
+
+from .problem import Problem, Solution
+
+__all__ = ['BACKENDS', 'Backend', 'backend_names', 'register_backend', 'select']
+
+
+class Backend:
+    """One way to compute the objective (module doc: the subclass contract)."""
+
+    name: str = ''
+    closed_form: bool = True
+
+    def supports(self, problem: Problem) -> str | None:
+        raise NotImplementedError
+
+    def solve(self, problem: Problem) -> Solution:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(name={self.name!r})'
+
+
+#: name -> backend, in the order 'auto' tries them (highest priority first)
+BACKENDS: dict[str, Backend] = {}
+_PRIORITY: dict[str, int] = {}
+
+
+def register_backend(backend: Backend, priority: int) -> Backend:
+    """Register ``backend`` under ``backend.name``; 'auto' tries higher ``priority`` first."""
+    if not backend.name or backend.name == 'auto':
+        raise ValueError(f'a backend needs a name other than "auto", got {backend.name!r}')
+    if backend.name in BACKENDS:
+        raise ValueError(f'a backend named {backend.name!r} is registered already')
+    _PRIORITY[backend.name] = priority
+    ordered = sorted([*BACKENDS.values(), backend], key=lambda b: -_PRIORITY[b.name])
+    BACKENDS.clear()
+    BACKENDS.update((b.name, b) for b in ordered)
+    return backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """The names ``backend=`` accepts: 'auto' and the registered backends."""
+    return ('auto', *BACKENDS)
+
+
+def select(problem: Problem, backend: str = 'auto') -> Backend:
+    """The backend that runs ``problem``: the named one (ValueError with its reason when it
+    cannot), or with 'auto' the first registered one that supports it."""
+    if backend != 'auto':
+        chosen = BACKENDS.get(backend)
+        if chosen is None:
+            raise ValueError(f'backend={backend!r} is unknown; use one of {backend_names()}')
+        reason = chosen.supports(problem)
+        if reason is not None:
+            raise ValueError(f'backend={backend!r} cannot run this call: {reason}; use '
+                             f"backend='auto'")
+        return chosen
+    for candidate in BACKENDS.values():
+        if candidate.supports(problem) is None:
+            return candidate
+    raise ValueError('no registered backend runs this call')  # the reference runs every call

@@ -5,8 +5,8 @@ One run measures, at classification shapes ((1024, 10), (1024, 1000)) and segmen
 
 - ``GRPORMLoss`` with the default backend ('auto': the compiled kernel on the CPU) and the
   reference one, each as the first update of a batch (pi_old = the current policy, what the
-  GRPO-RM heads pass) and as an inner step (a cached pi_old, ``validated=True``, ``diagnostics=False``: as the heads
-  call it);
+  GRPO-RM heads pass) and as an inner step (a cached pi_old, ``validated=True``,
+  ``diagnostics=False``: as the heads call it);
 - mmseg's ``CrossEntropyLoss`` (segmentation and classification) and mmpretrain's
   ``CrossEntropyLoss`` (classification).
 

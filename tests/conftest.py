@@ -13,12 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Without a GPU the Triton backend's kernels run on CPU tensors in Triton's interpreter, which
-# is chosen when a kernel is defined: before anything imports grpo_rm_mm.
-if not os.environ.get('CUDA_VISIBLE_DEVICES', 'unset').strip() or not any(
-        Path('/dev').glob('nvidia[0-9]*')):
-    os.environ.setdefault('TRITON_INTERPRET', '1')
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tools/ is imported as a namespace package (its converters)
 FIXTURE_CONFIGS = REPO / 'tests' / 'fixtures' / 'configs'

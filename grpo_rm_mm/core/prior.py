@@ -13,6 +13,9 @@ reference autograd one and the fused one) gets them unchanged:
   training the policy is ``softmax(z + tau log prior)`` (pi_theta, pi_old, pi_ref, so also the
   ratio, the rewards and the weights), at test the plain logits ``z`` are used. The prior is
   the training set's class frequencies.
+- **Class-balanced query weights** (``class_weighting='balanced'``): each query weighted by
+  ``1 / (C prior_y)`` (re-weighting; mean 1 over the training set), the same weights for
+  cross-entropy.
 """
 from __future__ import annotations
 
@@ -23,12 +26,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['QUERY_WEIGHTINGS', 'QUERY_WEIGHT_NORMS', 'adjust_logits', 'check_query_weighting',
-           'check_tau', 'inverse_odds_weights', 'log_prior_from_counts',
+__all__ = ['CLASS_WEIGHTINGS', 'QUERY_WEIGHTINGS', 'QUERY_WEIGHT_NORMS', 'adjust_logits',
+           'check_class_weighting', 'check_query_weighting', 'check_tau',
+           'class_balanced_weights', 'inverse_odds_weights', 'log_prior_from_counts',
            'logit_adjusted_cross_entropy']
 
 QUERY_WEIGHTINGS = ('none', 'inverse_odds')
 QUERY_WEIGHT_NORMS = ('mean', 'none')
+CLASS_WEIGHTINGS = ('none', 'balanced')
+
+
+def check_class_weighting(class_weighting: str) -> None:
+    if class_weighting not in CLASS_WEIGHTINGS:
+        raise ValueError(f'class_weighting={class_weighting!r} is unknown; use one of '
+                         f'{CLASS_WEIGHTINGS}')
+
+
+def class_balanced_weights(labels: Tensor, log_prior: Tensor, valid: Tensor) -> Tensor:
+    """Per-query weights ``1 / (C prior_y)`` (the shape of ``labels``, the prior's dtype; 0
+    where not ``valid``): the training set's mean weight is 1, each class carries the same
+    total."""
+    c = log_prior.numel()
+    w = (-log_prior.to(labels.device)).exp() / c
+    y = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    return torch.where(valid, w[y], torch.zeros_like(w[y]))
 
 
 def check_query_weighting(query_weighting: str, query_weight_norm: str,

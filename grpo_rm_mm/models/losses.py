@@ -28,8 +28,10 @@ from ..core.fused import FUSED_SURROGATES, FUSED_WEIGHTINGS, grpo_rm_loss_fused
 from ..core.objective import check_objective_options, grpo_rm_loss
 from ..core.prior import (
     adjust_logits,
+    check_class_weighting,
     check_query_weighting,
     check_tau,
+    class_balanced_weights,
     inverse_odds_weights,
     log_prior_from_counts,
 )
@@ -99,6 +101,8 @@ class GRPORMLoss(nn.Module):
             ``old_logits`` and ``ref_logits``; predictions use the plain logits. 0 (default)
             is off. The prior is the training set's class frequencies, set by
             ``ClassPriorHook`` (or :meth:`set_class_counts`) before training.
+        class_weighting: 'none' (default) or 'balanced': each query also weighted by
+            ``1 / (C prior_y)`` (the same prior), as ``LogitAdjustedCrossEntropyLoss`` does.
 
     ``avg_factor`` is accepted and ignored: the loss is already a mean over valid queries.
     After each call, ``last_diagnostics`` holds detached scalars (see ``grpo_rm_loss``) and
@@ -116,16 +120,18 @@ class GRPORMLoss(nn.Module):
                  group_size: int = 8, seed: int = 0, implementation: str = 'fused',
                  chunk_size: int | None = None, query_weighting: str = 'none',
                  query_weight_norm: str = 'mean', query_weight_cap: float = 100.0,
-                 logit_adjust_tau: float = 0.0) -> None:
+                 logit_adjust_tau: float = 0.0, class_weighting: str = 'none') -> None:
         super().__init__()
         try:
             check_query_weighting(query_weighting, query_weight_norm, query_weight_cap)
+            check_class_weighting(class_weighting)
             self.logit_adjust_tau = check_tau(logit_adjust_tau)
         except ValueError as err:
             raise ValueError(f'GRPORMLoss: {err}') from None
         self.query_weighting = query_weighting
         self.query_weight_norm = query_weight_norm
         self.query_weight_cap = float(query_weight_cap)
+        self.class_weighting = class_weighting
         # (C,) log class frequencies of the training set; set by ClassPriorHook, not saved
         self.register_buffer('class_log_prior', None, persistent=False)
         for name, value, low in (('clip_eps', clip_eps, 'gt'), ('beta', beta, 'ge'),
@@ -201,8 +207,9 @@ class GRPORMLoss(nn.Module):
 
     @property
     def uses_class_prior(self) -> bool:
-        """Whether the loss needs :meth:`set_class_counts` (``logit_adjust_tau > 0``)."""
-        return self.logit_adjust_tau > 0
+        """Whether the loss needs :meth:`set_class_counts` (``logit_adjust_tau > 0`` or
+        class-balanced weights)."""
+        return self.logit_adjust_tau > 0 or self.class_weighting != 'none'
 
     def set_class_counts(self, counts) -> None:
         """Set the class prior of the logit adjustment from the (C,) training-set class
@@ -213,26 +220,42 @@ class GRPORMLoss(nn.Module):
             raise ValueError(f'GRPORMLoss: {err}') from None
         self.class_log_prior = prior
 
+    def _check_prior(self) -> None:
+        if self.class_log_prior is None:
+            option = f'logit_adjust_tau={self.logit_adjust_tau}' if self.logit_adjust_tau > 0 \
+                else f'class_weighting={self.class_weighting!r}'
+            raise ValueError(f"GRPORMLoss: {option} needs the training set's class prior: add "
+                             f"custom_hooks=[dict(type='ClassPriorHook')] to the config, or "
+                             f'call set_class_counts(counts) on the loss before training')
+
     def _adjusted(self, logits, old, ref):
         """The logits, pi_old and pi_ref logits shifted by ``tau log prior`` (class dim 1)."""
-        if self.class_log_prior is None:
-            raise ValueError(f'GRPORMLoss: logit_adjust_tau={self.logit_adjust_tau} needs the '
-                             f"training set's class prior: add custom_hooks=[dict(type="
-                             f"'ClassPriorHook')] to the config, or call "
-                             f'set_class_counts(counts) on the loss before training')
+        self._check_prior()
         return [None if x is None else
                 adjust_logits(x, self.class_log_prior, self.logit_adjust_tau, class_dim=1)
                 for x in (logits, old, ref)]
 
     def _query_weights(self, logits: Tensor, old: Tensor | None, labels: Tensor,
                        weight: Tensor | None, ignore_index: int | None) -> Tensor:
-        """mmseg's per-query ``weight`` times the inverse-odds weights of pi_old."""
+        """mmseg's per-query ``weight`` times the inverse-odds weights of pi_old and / or the
+        class-balanced weights."""
         c = logits.shape[1]
         valid = (labels >= 0) & (labels < c)
         if ignore_index is not None:
             valid &= labels != ignore_index
-        u = inverse_odds_weights(logits.detach() if old is None else old, labels, valid,
-                                 cap=self.query_weight_cap, norm=self.query_weight_norm)
+        u = None
+        if self.query_weighting != 'none':
+            u = inverse_odds_weights(logits.detach() if old is None else old, labels, valid,
+                                     cap=self.query_weight_cap, norm=self.query_weight_norm)
+        if self.class_weighting != 'none':
+            self._check_prior()
+            if self.class_log_prior.numel() != c:
+                raise ValueError(f'GRPORMLoss: the class prior has '
+                                 f'{self.class_log_prior.numel()} classes but the logits '
+                                 f'{tuple(logits.shape)} have {c}')
+            cb = class_balanced_weights(labels, self.class_log_prior, valid).to(
+                torch.float64 if logits.dtype == torch.float64 else torch.float32)
+            u = cb if u is None else u * cb
         return u if weight is None else weight * u.to(weight.dtype)
 
     @property
@@ -352,7 +375,7 @@ class GRPORMLoss(nn.Module):
                                                        ref_logits, flatten=not fused)
         if self.logit_adjust_tau > 0:
             logits, old, ref = self._adjusted(logits, old, ref)
-        if self.query_weighting != 'none':
+        if self.query_weighting != 'none' or self.class_weighting != 'none':
             w = self._query_weights(logits, old, labels, w, ignore_index)
         options = dict(
             old_logits=old, ref_logits=ref, clip_eps=self.clip_eps, beta=self.beta,

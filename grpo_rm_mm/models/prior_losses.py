@@ -6,7 +6,13 @@ import math
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from ..core.prior import check_tau, log_prior_from_counts, logit_adjusted_cross_entropy
+from ..core.prior import (
+    check_class_weighting,
+    check_tau,
+    class_balanced_weights,
+    log_prior_from_counts,
+    logit_adjusted_cross_entropy,
+)
 
 __all__ = ['LogitAdjustedCrossEntropyLoss']
 
@@ -25,15 +31,18 @@ class LogitAdjustedCrossEntropyLoss(nn.Module):
 
     Args:
         tau: strength of the adjustment (1; 0 is plain cross-entropy).
+        class_weighting: 'none' or 'balanced' (each query weighted by ``1 / (C prior_y)``;
+            with ``tau=0`` the class-balanced cross-entropy).
         loss_weight: multiplies the loss.
         loss_name: key in mmseg's loss dict (must start with ``loss_``).
     """
 
     def __init__(self, tau: float = 1.0, loss_weight: float = 1.0,
-                 loss_name: str = 'loss_ce') -> None:
+                 loss_name: str = 'loss_ce', class_weighting: str = 'none') -> None:
         super().__init__()
         try:
             self.tau = check_tau(tau)
+            check_class_weighting(class_weighting)
         except ValueError as err:
             raise ValueError(f'LogitAdjustedCrossEntropyLoss: {err}') from None
         if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) \
@@ -44,6 +53,7 @@ class LogitAdjustedCrossEntropyLoss(nn.Module):
             raise ValueError(f'LogitAdjustedCrossEntropyLoss: loss_name={loss_name!r} must start '
                              f'with "loss_"')
         self.loss_weight = float(loss_weight)
+        self.class_weighting = class_weighting
         self._loss_name = loss_name
         self.register_buffer('class_log_prior', None, persistent=False)
 
@@ -53,8 +63,8 @@ class LogitAdjustedCrossEntropyLoss(nn.Module):
 
     @property
     def uses_class_prior(self) -> bool:
-        """Whether the loss needs :meth:`set_class_counts` (``tau > 0``)."""
-        return self.tau > 0
+        """Whether the loss needs :meth:`set_class_counts` (``tau > 0`` or class weights)."""
+        return self.tau > 0 or self.class_weighting != 'none'
 
     def set_class_counts(self, counts) -> None:
         """Set the prior from the (C,) training-set class counts."""
@@ -67,8 +77,9 @@ class LogitAdjustedCrossEntropyLoss(nn.Module):
                 avg_factor: float | None = None, ignore_index: int | None = None,
                 **kwargs) -> Tensor:
         """Scalar loss; ``avg_factor`` is ignored (the loss is a mean over valid queries)."""
-        if self.tau > 0 and self.class_log_prior is None:
-            raise ValueError(f'LogitAdjustedCrossEntropyLoss: tau={self.tau} needs the training '
+        if self.uses_class_prior and self.class_log_prior is None:
+            raise ValueError(f'LogitAdjustedCrossEntropyLoss: tau={self.tau}, class_weighting='
+                             f'{self.class_weighting!r} needs the training '
                              f"set's class prior: add custom_hooks=[dict(type='ClassPriorHook')] "
                              f'to the config, or call set_class_counts(counts) before training')
         if target.ndim == pred.ndim:
@@ -80,6 +91,11 @@ class LogitAdjustedCrossEntropyLoss(nn.Module):
             weight = weight.squeeze(1)
         if pred.ndim > 2 and ignore_index is None:
             ignore_index = 255
+        if self.class_weighting != 'none':
+            valid = target != ignore_index if ignore_index is not None \
+                else target.new_ones(target.shape, dtype=bool)
+            cb = class_balanced_weights(target, self.class_log_prior, valid)
+            weight = cb if weight is None else weight * cb.to(weight.dtype)
         loss = logit_adjusted_cross_entropy(pred, target, self.class_log_prior, self.tau,
                                             weight=weight, ignore_index=ignore_index)
         return self.loss_weight * loss

@@ -273,3 +273,27 @@ def test_class_prior_hook_refuses_a_model_without_a_prior_loss() -> None:
                                                        LogitAdjustedCrossEntropyLoss(tau=0.0)))
     with pytest.raises(ValueError, match='no loss that uses a class prior'):
         ClassPriorHook().before_train(runner)
+
+
+# ---------------------------------------------------------------------- class-balanced weights
+@pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
+def test_class_balanced_weights_scale_each_query_by_its_inverse_prior(implementation) -> None:
+    """Raw inverse-odds and class-balanced weights, accuracy reward, ratio 1: each row of the
+    gradient is CE's times 1 / (C prior_y), and so is the balanced CE's."""
+    z, y = _batch(8, 5, seed=9)
+    w_class = sum(COUNTS) / (len(COUNTS) * np.array(COUNTS, dtype=float))
+    want = _ce_grad(z, y) * w_class[y.numpy()][:, None]
+    loss = GRPORMLoss(rewards=ACC, adv_eps=0.0, group_weighting='pi_old',
+                      query_weighting='inverse_odds', query_weight_norm='none',
+                      class_weighting='balanced', log_diagnostics=False,
+                      implementation=implementation)
+    assert loss.uses_class_prior
+    loss.set_class_counts(COUNTS)
+    np.testing.assert_allclose(_grad(loss, z, y).numpy(), want, rtol=1e-9, atol=1e-13)
+    ce = LogitAdjustedCrossEntropyLoss(tau=0.0, class_weighting='balanced')
+    ce.set_class_counts(COUNTS)
+    np.testing.assert_allclose(_grad(ce, z, y).numpy(), want, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="class_weighting='inverse' is unknown"):
+        GRPORMLoss(class_weighting='inverse')
+    with pytest.raises(ValueError, match='ClassPriorHook'):
+        GRPORMLoss(class_weighting='balanced')(z, y)

@@ -91,7 +91,7 @@ class GRPORMLoss(nn.Module):
             per-pixel ``weight`` (:mod:`grpo_rm_mm.core.prior`): 'none' (default) or
             'inverse_odds', ``u_q = sqrt((1 - p_old_y) / p_old_y)``, which cancels the
             ``sqrt(p_y / (1 - p_y))`` factor between the ``pi_old`` objective's gradient and
-            cross-entropy's (docs/method.md section 4).
+            cross-entropy's (docs/method.md section 4.1).
         query_weight_norm: 'mean' (the weights divided by their mean over the batch's valid
             queries) or 'none' (raw: with the accuracy reward alone the first update is then
             exactly cross-entropy's).
@@ -212,8 +212,8 @@ class GRPORMLoss(nn.Module):
         return self.logit_adjust_tau > 0 or self.class_weighting != 'none'
 
     def set_class_counts(self, counts) -> None:
-        """Set the class prior of the logit adjustment from the (C,) training-set class
-        counts (``ClassPriorHook`` calls this before training)."""
+        """Set the class prior of the logit adjustment and the class-balanced weights from the
+        (C,) training-set class counts (``ClassPriorHook`` calls this before training)."""
         try:
             prior = log_prior_from_counts(counts)
         except ValueError as err:
@@ -228,7 +228,8 @@ class GRPORMLoss(nn.Module):
                              f"custom_hooks=[dict(type='ClassPriorHook')] to the config, or "
                              f'call set_class_counts(counts) on the loss before training')
 
-    def _adjusted(self, logits, old, ref):
+    def _adjusted(self, logits: Tensor, old: Tensor | None,
+                  ref: Tensor | None) -> list[Tensor | None]:
         """The logits, pi_old and pi_ref logits shifted by ``tau log prior`` (class dim 1)."""
         self._check_prior()
         return [None if x is None else
@@ -270,7 +271,8 @@ class GRPORMLoss(nn.Module):
                 f'adv_scale={self.adv_scale!r}, loss_weight={self.loss_weight}, '
                 f'ignore_index={self.ignore_index}, implementation={self.implementation!r}, '
                 f'query_weighting={self.query_weighting!r}, '
-                f'logit_adjust_tau={self.logit_adjust_tau}')
+                f'logit_adjust_tau={self.logit_adjust_tau}, '
+                f'class_weighting={self.class_weighting!r}')
 
     # ------------------------------------------------------------------ sampled groups
     def _forget_host_draws(self, *args) -> None:

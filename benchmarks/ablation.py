@@ -29,10 +29,13 @@ Stages (``--stages``, pruned as :func:`settings` says): ``grid`` (group weightin
 inner steps, accuracy + uniformity rewards), ``rewards`` (reward sets and the Dr.GRPO advantage
 scale for the pi_old weighting), ``search`` (reward weights, inner steps, learning rate; CE gets
 the same learning rates), ``longtail`` (LongTailDataset, imbalance ratio 100: CE vs the
-selected GRPO-RM setting vs uniform, many/medium/few-shot accuracy). Finished runs are kept in
-``--runs-file`` and reused by the same command.
+selected GRPO-RM setting, the default with the inverse-odds query weights and / or the logit
+adjustment, CE and logit-adjusted CE, uniform; val and many/medium/few-shot test accuracy),
+``correction`` (the inverse-odds query weights on the balanced data, one and four inner steps)
+and ``manyclass`` (100 classes: ordered pairs of Fashion-MNIST classes, features concatenated).
+Finished runs of the balanced stages are kept in ``--runs-file`` and reused by the same command.
 
-    .venv/bin/python benchmarks/ablation.py [--stages grid rewards search longtail]
+    .venv/bin/python benchmarks/ablation.py [--stages grid rewards search correction longtail]
 """
 from __future__ import annotations
 
@@ -91,7 +94,11 @@ class Setting:
 
     def describe(self) -> str:
         if self.method == 'ce':
-            return f'CE, lr {self.lr:g}'
+            tau = self.loss_options.get('tau')
+            steps = f', {self.inner_steps} steps per batch' if self.inner_steps > 1 else ''
+            balanced = self.loss_options.get('class_weighting') == 'balanced'
+            return f'CE, lr {self.lr:g}' + (f', logit-adjusted tau {tau:g}' if tau else '') \
+                + (', class-balanced weights' if balanced else '') + steps
         opts = dict(group_weighting='uniform', surrogate='clip') | self.loss_options
         extra = ', '.join(f'{k}={v}' for k, v in opts.items()
                           if k not in ('group_weighting', 'surrogate'))
@@ -101,10 +108,16 @@ class Setting:
                 f", lr {self.lr:g}" + (f', {extra}' if extra else ''))
 
     def config(self) -> Config:
-        """The demo config of the method with this setting's loss, inner steps and lr."""
-        loss = dict(self.loss_options, rewards=self.reward_cfgs()) if self.method == 'grpo' \
-            else None
-        return c.demo_config(c.CONFIGS[self.method], loss, self.inner_steps, self.lr)
+        """The demo config of the method with this setting's loss, inner steps and lr. A CE
+        setting with loss options is the logit-adjusted CE; CE's inner steps are repeated
+        steps on a batch (:func:`train_head`'s ``repeats``), so its wrapper keeps one."""
+        if self.method == 'grpo':
+            return c.demo_config(c.CONFIGS['grpo'], dict(self.loss_options,
+                                                         rewards=self.reward_cfgs()),
+                                 self.inner_steps, self.lr)
+        loss = dict(type='LogitAdjustedCrossEntropyLoss', **self.loss_options) \
+            if self.loss else None
+        return c.demo_config(c.CONFIGS['ce'], loss, 1, self.lr)
 
 
 def grpo(name: str, stage: str, weighting: str, surrogate: str = 'clip', k: int = 1,
@@ -114,6 +127,14 @@ def grpo(name: str, stage: str, weighting: str, surrogate: str = 'clip', k: int 
 
 
 CLIP_HIGHER = dict(clip_eps_low=0.2, clip_eps_high=0.28)
+#: The inverse-odds query weights (mean-normalised, and raw) and the logit adjustment.
+CORRECTED = dict(query_weighting='inverse_odds')
+CORRECTED_RAW = dict(query_weighting='inverse_odds', query_weight_norm='none')
+ADJUSTED = dict(logit_adjust_tau=1.0)
+BALANCED = dict(class_weighting='balanced')
+LA_CE = Setting('CE logit-adjusted', 'longtail', method='ce', loss=(('tau', 1.0), ))
+CB_CE = Setting('CE class-balanced', 'longtail', method='ce',
+                loss=(('class_weighting', 'balanced'), ('tau', 0.0)))
 
 
 def settings(stages: list[str]) -> list[Setting]:
@@ -145,6 +166,15 @@ def settings(stages: list[str]) -> list[Setting]:
             grpo('pi_old k=1 lr 3e-3', 'search', 'pi_old', lr=3e-3),
             grpo('pi_old k=1 uni 2', 'search', 'pi_old', uni_weight=2.0),
         ]
+    if 'correction' in stages:
+        if 'grid' not in stages:
+            out.append(grpo('pi_old k=1', 'grid', 'pi_old'))
+        out += [
+            grpo('pi_old inverse_odds k=1', 'correction', 'pi_old', loss=CORRECTED),
+            grpo('pi_old inverse_odds raw k=1', 'correction', 'pi_old', loss=CORRECTED_RAW),
+            grpo('pi_old inverse_odds dual_clip k=4', 'correction', 'pi_old', 'dual_clip', 4,
+                 loss=CORRECTED),
+        ]
     return out
 
 
@@ -159,7 +189,8 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_common_args(parser, str(c.RESULTS / 'ablation.txt'))
     parser.add_argument('--stages', nargs='+', default=['grid', 'rewards', 'search', 'longtail'],
-                        choices=['grid', 'rewards', 'search', 'longtail'])
+                        choices=['grid', 'rewards', 'search', 'correction', 'longtail',
+                                 'manyclass'])
     parser.add_argument('--iters', type=int, default=200,
                         help='optimizer iterations (batches) per run (default %(default)s)')
     parser.add_argument('--batch-size', type=int, default=1024)
@@ -179,6 +210,8 @@ def parse_args() -> argparse.Namespace:
                         'command is run again (the runs are deterministic); "" disables')
     parser.add_argument('--lt-batch-size', type=int, default=256)
     parser.add_argument('--lt-iters', type=int, default=200)
+    parser.add_argument('--mc-iters', type=int, default=300,
+                        help='iterations of the many-class stage (batch --batch-size)')
     return parser.parse_args()
 
 
@@ -265,10 +298,11 @@ class Run:
 def train_head(model: torch.nn.Module, wrapper, x: torch.Tensor, y: torch.Tensor,
                test_x: torch.Tensor, test_y: torch.Tensor, iters: int, batch_size: int,
                seed: int, evaluate_at: Callable[[int], bool] = lambda it: False,
-               name: str = '', progress: bool = True) -> Run:
+               name: str = '', progress: bool = True, repeats: int = 1) -> Run:
     """``iters`` iterations of :func:`head_train_step` on full batches cut from seeded epoch
     permutations of ``x``; test top-1 at iteration 0, where ``evaluate_at(iteration)`` and at
-    the end."""
+    the end. ``repeats``: train steps per batch (each a fresh forward: CE's counterpart of
+    GRPO-RM's inner steps)."""
     from mmpretrain.structures import DataSample
 
     samples, run = [DataSample().set_gt_label(int(v)) for v in y], Run(name)
@@ -287,7 +321,8 @@ def train_head(model: torch.nn.Module, wrapper, x: torch.Tensor, y: torch.Tensor
         while len(order) < batch_size:
             order = torch.cat([order, torch.randperm(len(x), generator=gen)])
         idx, order = order[:batch_size], order[batch_size:]
-        head_train_step(model, x[idx], [samples[i] for i in idx], wrapper)
+        for _ in range(repeats):
+            head_train_step(model, x[idx], [samples[i] for i in idx], wrapper)
         if it == iters or evaluate_at(it):
             evaluate(it)
     run.seconds = time.perf_counter() - t0 - run.eval_seconds
@@ -411,16 +446,60 @@ def head_metrics(model: torch.nn.Module, data: Data) -> dict[str, float]:
     return out
 
 
+def set_class_prior(model: torch.nn.Module, counts: Sequence[int]) -> None:
+    """What ``ClassPriorHook`` does in a runner: the training set's class counts to every
+    loss that uses a class prior."""
+    for m in model.modules():
+        if getattr(m, 'uses_class_prior', False):
+            m.set_class_counts(counts)
+
+
 def train(s: Setting, x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor,
-          eval_y: torch.Tensor, iters: int, batch_size: int, seed: int):
-    model, wrapper = c.build(s.config(), seed)
+          eval_y: torch.Tensor, iters: int, batch_size: int, seed: int,
+          cfg: Config | None = None,
+          evaluate_at: Callable[[int], bool] = lambda it: False):
+    """Train the setting (or its config ``cfg``) on ``(x, y)``, scored on ``(eval_x, eval_y)``
+    at ``evaluate_at`` iterations; the class prior of a logit-adjusted loss is the counts of
+    ``y``."""
+    model, wrapper = c.build(s.config() if cfg is None else cfg, seed)
+    set_class_prior(model, np.bincount(y.numpy(), minlength=model.head.num_classes).tolist())
+    repeats = s.inner_steps if s.method == 'ce' else 1
     run = train_head(model, wrapper, x, y, eval_x, eval_y, iters, batch_size, seed,
-                     name=s.name, progress=False)
+                     evaluate_at, name=s.name, progress=False, repeats=repeats)
     return model, run
+
+
+def long_tail_rows(chosen: Setting, baseline: Setting) -> list[Setting]:
+    """CE and logit-adjusted CE; the selected setting; the default (pi_old, clip, k=1) plain,
+    with the inverse-odds weights (mean-normalised and raw), logit-adjusted, and both (also
+    with the accuracy reward alone), with class-balanced weights (CE too); the uniform form."""
+    default = grpo('pi_old k=1', 'grid', 'pi_old')
+    rows = [baseline, LA_CE, CB_CE, chosen, default,
+            grpo('pi_old inverse_odds k=1', 'correction', 'pi_old', loss=CORRECTED),
+            grpo('pi_old inverse_odds raw k=1', 'correction', 'pi_old', loss=CORRECTED_RAW),
+            grpo('pi_old logit-adjusted k=1', 'longtail', 'pi_old', loss=ADJUSTED),
+            grpo('pi_old logit-adjusted inverse_odds k=1', 'longtail', 'pi_old',
+                 loss=ADJUSTED | CORRECTED),
+            grpo('pi_old logit-adjusted inverse_odds raw k=1', 'longtail', 'pi_old',
+                 loss=ADJUSTED | CORRECTED_RAW),
+            # at one inner step every update is at ratio 1, where this is the logit-adjusted
+            # CE's gradient: the row tells the uniformity reward's part from the rest
+            grpo('pi_old logit-adjusted inverse_odds raw acc k=1', 'longtail', 'pi_old',
+                 rewards='acc', loss=ADJUSTED | CORRECTED_RAW),
+            grpo('pi_old inverse_odds raw class-balanced k=1', 'longtail', 'pi_old',
+                 loss=CORRECTED_RAW | BALANCED),
+            grpo('GRPO-RM uniform k=1', 'longtail', 'uniform')]
+    out: list[Setting] = []
+    for s in rows:  # the selected setting may be one of the others
+        if all((s.method, s.loss, s.inner_steps, s.lr, s.rewards, s.uni_weight) !=
+               (o.method, o.loss, o.inner_steps, o.lr, o.rewards, o.uni_weight) for o in out):
+            out.append(s)
+    return out
 
 
 def long_tail(args: argparse.Namespace, data: Data, chosen: Setting,
               baseline: Setting) -> None:
+    from grpo_rm_mm.datasets.class_counts import dataset_class_counts
     from grpo_rm_mm.datasets.long_tail import LongTailDataset
 
     class Labels:  # the training features' labels, as LongTailDataset reads a dataset
@@ -432,36 +511,102 @@ def long_tail(args: argparse.Namespace, data: Data, chosen: Setting,
     lt = LongTailDataset(Labels(), imbalance_ratio=100, max_per_class=1000, seed=0)
     idx = torch.from_numpy(lt.indices)
     x, y = data.train[0][idx], data.train[1][idx]
-    counts = np.asarray(lt.class_counts)
+    counts = np.asarray(dataset_class_counts(lt))  # what ClassPriorHook would count
+    assert counts.tolist() == list(lt.class_counts)
     groups = {'many (>100)': np.flatnonzero(counts > 100),
               'medium (20-100)': np.flatnonzero((counts >= 20) & (counts <= 100)),
               'few (<20)': np.flatnonzero(counts < 20)}
     print(f'\n### Long-tailed training set (LongTailDataset, imbalance ratio 100, head class '
           f'1000): {len(idx)} images, per-class counts {lt.class_counts}; '
-          f'{args.lt_iters} iterations of batch {args.lt_batch_size}; balanced 10k test set\n')
-    ref = grpo('GRPO-RM uniform k=1', 'longtail', 'uniform')
-    rows = [baseline, chosen] + ([ref] if chosen.loss_options.get('group_weighting')
-                                 != 'uniform' else [])
-    print('| method | setting | many-shot | medium-shot | few-shot | all | test-OOD avg |')
-    print('|---|---|---:|---:|---:|---:|---:|')
-    for s in rows:
-        cell = Cell()
+          f'{args.lt_iters} iterations of batch {args.lt_batch_size}; balanced val (selection: '
+          f'val all and val few-shot) and balanced 10k test set (reported); logit-adjusted '
+          f'losses: tau 1, prior = the class counts above\n')
+    print('| method | setting | val all | val few-shot | many-shot | medium-shot | few-shot | all '
+          '| test-OOD avg |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
+    cells: dict[str, Cell] = {}
+
+    def group_acc(pred: torch.Tensor, ty: torch.Tensor, classes: np.ndarray) -> float:
+        sel = torch.isin(ty, torch.from_numpy(classes))
+        return float((pred[sel] == ty[sel]).float().mean() * 100) if sel.any() else float('nan')
+
+    for s in long_tail_rows(chosen, baseline):
+        cell = cells.setdefault(s.name, Cell())
         for seed in args.seeds:
             model, _ = train(s, x, y, data.val[0], data.val[1], args.lt_iters,
                              args.lt_batch_size, seed)
             pred = head_outputs(model, data.test[0])[0].argmax(1)
             ty = data.test[1]
-            m = {'all': float((pred == ty).float().mean() * 100)}
-            for g, classes in groups.items():
-                sel = torch.isin(ty, torch.from_numpy(classes))
-                m[g] = float((pred[sel] == ty[sel]).float().mean() * 100) if sel.any() else \
-                    float('nan')
+            vpred = head_outputs(model, data.val[0])[0].argmax(1)
+            m = {'val': float((vpred == data.val[1]).float().mean() * 100),
+                 'val few': group_acc(vpred, data.val[1], groups['few (<20)']),
+                 'all': float((pred == ty).float().mean() * 100)}
+            m.update({g: group_acc(pred, ty, classes) for g, classes in groups.items()})
             m['ood'] = statistics.fmean(top1(head_outputs(model, ox)[0], oy)
                                         for ox, oy in data.test_ood.values())
             cell.add(m)
         label = 'CE' if s.method == 'ce' else 'GRPO-RM'
-        print(f'| {label} | {s.describe()} | ' + ' | '.join(
-            cell.fmt(g) for g in [*groups, 'all', 'ood']) + ' |', flush=True)
+        mark = ' (selected on the balanced val)' if s is chosen else ''
+        print(f'| {label} | {s.describe()}{mark} | ' + ' | '.join(
+            cell.fmt(g) for g in ['val', 'val few', *groups, 'all', 'ood']) + ' |', flush=True)
+    few = 'few (<20)'
+    for ref in (baseline, LA_CE, CB_CE):
+        r = cells[ref.name]
+        for s in long_tail_rows(chosen, baseline):
+            if s.method == 'ce':
+                continue
+            ch = cells[s.name]
+            gap = ch.mean(few) - r.mean(few)
+            sd = max(c.mean_std(ch.values[few])[1], c.mean_std(r.values[few])[1])
+            verdict = 'above by > 2 std' if gap > 2 * sd else (
+                'below by > 2 std' if gap < -2 * sd else 'within 2 std')
+            print(f'few-shot {s.describe()} vs {ref.describe()}: {gap:+.2f} ({verdict}; larger '
+                  f'std {sd:.2f})')
+
+
+def pairs(x: torch.Tensor, y: torch.Tensor, seed: int, num_classes: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A C^2-class task from a C-class one: image i beside a partner image (a seeded
+    permutation), features concatenated, label ``C * y_i + y_partner``."""
+    partner = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([x, x[partner]], dim=1), y * num_classes + y[partner]
+
+
+def many_class(args: argparse.Namespace, data: Data, chosen: Setting,
+               baseline: Setting) -> None:
+    """The many-class check: 100 classes (ordered pairs of Fashion-MNIST classes), balanced,
+    head MLP 2560 -> 256 -> 100; CE, the selected setting, the default and the corrected one."""
+    k = data.num_classes
+    train_xy = pairs(*data.train, 0, k)
+    val_xy, test_xy = pairs(*data.val, 1, k), pairs(*data.test, 2, k)
+    print(f'\n### Many classes: {k * k} classes (ordered pairs of Fashion-MNIST classes: each '
+          f'image beside a fixed random partner, frozen features concatenated), train '
+          f'{len(train_xy[0])}, val {len(val_xy[0])}, test {len(test_xy[0])}; MLP '
+          f'{2 * data.train[0].shape[1]}->256->{k * k}, {args.mc_iters} iterations of batch '
+          f'{args.batch_size}, Adam\n')
+    rows = [baseline, chosen, grpo('pi_old k=1', 'grid', 'pi_old'),
+            grpo('pi_old inverse_odds k=1', 'correction', 'pi_old', loss=CORRECTED),
+            grpo('pi_old inverse_odds raw k=1', 'correction', 'pi_old', loss=CORRECTED_RAW)]
+    print('| method | setting | val top-1 | test top-1 | test top-1 at 1/10 of the iterations |')
+    print('|---|---|---:|---:|---:|')
+    seen = set()
+    for s in rows:
+        if s.loss + (s.method, s.inner_steps) in seen:
+            continue
+        seen.add(s.loss + (s.method, s.inner_steps))
+        cell = Cell()
+        for seed in args.seeds:
+            cfg = s.config()
+            cfg.model.head.in_channels = 2 * data.train[0].shape[1]
+            cfg.model.head.num_classes = k * k
+            model, run = train(s, *train_xy, *test_xy, args.mc_iters, args.batch_size, seed,
+                               cfg=cfg, evaluate_at=lambda it: it == args.mc_iters // 10)
+            early = [acc for it, acc in run.curve if it == args.mc_iters // 10]
+            cell.add({'val': top1(head_outputs(model, val_xy[0])[0], val_xy[1]),
+                      'test': run.curve[-1][1], 'early': early[0]})
+        label = 'CE' if s.method == 'ce' else 'GRPO-RM'
+        print(f'| {label} | {s.describe()} | {cell.fmt("val")} | {cell.fmt("test")} | '
+              f'{cell.fmt("early")} |', flush=True)
 
 
 def main() -> None:
@@ -554,6 +699,8 @@ def main() -> None:
             print(f'GRPO-RM settings above CE on val-OOD: {beats or "none"}')
         if 'longtail' in args.stages and chosen is not None:
             long_tail(args, data, chosen, baseline)
+        if 'manyclass' in args.stages and chosen is not None:
+            many_class(args, data, chosen, baseline)
         print(f'# total {time.perf_counter() - t_start:.0f} s')
 
 

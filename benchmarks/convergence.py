@@ -5,10 +5,14 @@ MLP 1280 -> 256 -> 10, from the same initial weights), trained on the same batch
 1024, Adam lr 1e-3) on the frozen features of the real ImageNet EfficientNet-Lite0 on real
 Fashion-MNIST at 64 px (a fixed train subset; the full 10k test set), as ``ablation.py`` sets
 them up: the head's ``loss()`` and the config's optimizer wrapper. GRPO-RM runs: the paper's
-uniform group weighting with each ``--inner-steps``, and the project default (the GRPO-RM
-config itself, or ``--config``). Test top-1 is recorded every
-``--eval-every`` iterations; the script prints the iterations each method needs to reach the
-CE run's final test accuracy (and fractions of it) and plots both curves.
+uniform group weighting with each ``--inner-steps``, the project default (the GRPO-RM config
+itself, or ``--config``), the default with the inverse-odds query weights
+(``query_weighting='inverse_odds'``, raw and mean-normalised), and, for each
+``--dual-inner-steps``, the default and the corrected (raw) one with the dual clip and that
+many inner steps; CE also runs with each ``--ce-repeats`` train steps per batch (the fair
+comparison for inner steps: the same number of optimizer steps on each batch). Test top-1 is
+recorded every ``--eval-every`` iterations; the script prints the iterations each method needs
+to reach the CE run's final test accuracy (and fractions of it) and plots the curves.
 
     .venv/bin/python benchmarks/convergence.py [--iters 1000] [--inner-steps 1 4]
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import time
 from pathlib import Path
 
@@ -42,6 +47,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--inner-steps', type=int, nargs='+', default=[1, 4],
                         help="one GRPO-RM run with the paper's uniform group weighting per "
                         'value (default: %(default)s)')
+    parser.add_argument('--dual-inner-steps', type=int, nargs='+', default=[2, 4],
+                        help='inner steps of the dual-clip runs of the default and the '
+                        'corrected objective (default: %(default)s; none: no such run)')
+    parser.add_argument('--ce-repeats', type=int, nargs='*', default=[2, 4],
+                        help='CE runs with this many train steps per batch (default: '
+                        '%(default)s)')
     parser.add_argument('--config', default=c.CONFIGS['grpo'],
                         help='also run this GRPO-RM config (its loss and inner steps; the '
                         'project default; "" to skip)')
@@ -56,16 +67,27 @@ def first_reaching(run: a.Run, target: float) -> int | None:
     return next((it for it, acc in run.curve if acc >= target), None)
 
 
+def style(name: str) -> dict:
+    """Line colour by objective (CE, uniform, default, corrected raw / mean-normalised), line
+    style by optimizer steps per batch (1 solid, 2 dashed, 4 dotted)."""
+    colour = ('black' if name.startswith('CE') else 'tab:gray' if 'uniform' in name
+              else 'tab:red' if 'raw' in name else 'tab:green' if 'mean-normalised' in name
+              else 'tab:blue')
+    steps = re.search(r'inner_steps=(\d+)|(\d+) steps per batch', name)
+    k = int(next(g for g in steps.groups() if g)) if steps else 1
+    return dict(color=colour, linestyle={1: '-', 2: '--'}.get(k, ':'))
+
+
 def plot(runs: list[a.Run], target: float, path: Path, title: str, xlabel: str) -> None:
     """Test top-1 against iterations, with the CE final accuracy as a dashed line."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 5.6), dpi=120)
     for run in runs:
         its, accs = zip(*run.curve)
-        ax.plot(its, accs, label=run.name, linewidth=1.6)
+        ax.plot(its, accs, label=run.name, linewidth=1.4, **style(run.name))
     ax.axhline(target, color='gray', linestyle='--', linewidth=1,
                label=f'CE final ({target:.2f}%)')
     low = min(acc for run in runs for it, acc in run.curve if it > 0)
@@ -76,7 +98,7 @@ def plot(runs: list[a.Run], target: float, path: Path, title: str, xlabel: str) 
     ax.set_ylabel('test top-1 (%)')
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(loc='lower right', fontsize=8)
+    ax.legend(loc='lower right', fontsize=6.5)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -108,6 +130,10 @@ def main() -> None:
             f'GRPO-RM uniform ({args.rewards}, inner_steps={k})': c.demo_config(
                 c.CONFIGS['grpo'], dict(rewards, group_weighting='uniform', surrogate='clip'),
                 k, args.lr) for k in args.inner_steps}
+        repeats = {'CE': 1}
+        for r in args.ce_repeats:
+            name = f'CE, {r} steps per batch'
+            configs[name], repeats[name] = c.demo_config(c.CONFIGS['ce'], lr=args.lr), r
         if args.config:
             cfg = c.demo_config(args.config, rewards, lr=args.lr)
             options = {k: v for k, v in cfg.model.head.loss.items()
@@ -116,6 +142,20 @@ def main() -> None:
             print(f'# {args.config}: GRPORMLoss options {options}, inner_steps={k}')
             label = ', '.join(f'{v}' for v in options.values())
             configs[f'GRPO-RM default: {label} ({args.rewards}, inner_steps={k})'] = cfg
+            corrected = dict(rewards, query_weighting='inverse_odds', query_weight_norm='none')
+            configs[f'GRPO-RM corrected: {label}, inverse_odds raw ({args.rewards}, inner_steps='
+                    f'{k})'] = c.demo_config(args.config, corrected, lr=args.lr)
+            configs[f'GRPO-RM corrected: {label}, inverse_odds mean-normalised ({args.rewards}, '
+                    f'inner_steps={k})'] = c.demo_config(
+                args.config, dict(rewards, query_weighting='inverse_odds'), lr=args.lr)
+            corrected_mean = dict(rewards, query_weighting='inverse_odds')
+            for k in args.dual_inner_steps:
+                for kind, loss in (('default: dual_clip', rewards),
+                                   ('corrected: dual_clip, inverse_odds raw', corrected),
+                                   ('corrected: dual_clip, inverse_odds mean-normalised',
+                                    corrected_mean)):
+                    configs[f'GRPO-RM {kind} ({args.rewards}, inner_steps={k})'] = c.demo_config(
+                        args.config, dict(loss, surrogate='dual_clip'), k, args.lr)
         built = {name: c.build(cfg, args.seed) for name, cfg in configs.items()}
         for model, _ in built.values():
             a.assert_same_head(built['CE'][0], model)
@@ -124,7 +164,8 @@ def main() -> None:
             return it <= args.dense_until or bool(args.eval_every and it % args.eval_every == 0)
 
         runs = [a.train_head(model, wrapper, train_x, train_y, test_x, test_y, args.iters,
-                             args.batch_size, args.seed, evaluate_at, name)
+                             args.batch_size, args.seed, evaluate_at, name,
+                             repeats=repeats.get(name, 1))
                 for name, (model, wrapper) in built.items()]
         ce = runs[0]
         target = ce.curve[-1][1]
@@ -154,6 +195,16 @@ def main() -> None:
                 if it_ce and it:
                     print(f'{run.name} / CE iterations to {f:g} x CE final: {it}/{it_ce} = '
                           f'{it / it_ce:.2f}')
+        by_name = {run.name: run for run in runs}
+        print('\nsame optimizer steps per batch (inner steps k vs CE with k steps per batch), '
+              'iterations to 1 x CE final:')
+        for run in runs:
+            k = getattr(built[run.name][1], 'inner_steps', 1)
+            fair = by_name.get(f'CE, {k} steps per batch') if k > 1 else None
+            if 'GRPO-RM' in run.name and fair is not None:
+                it, it_ce = first_reaching(run, target), first_reaching(fair, target)
+                print(f'  {run.name}: {it or "not reached"} vs {fair.name}: '
+                      f'{it_ce or "not reached"}')
 
         plot_path = Path(args.plot)
         plot(runs, target, plot_path,

@@ -1,2 +1,2 @@
 """Registered engine components (optimizer wrappers, hooks)."""
-from . import guards, hooks, optim_wrappers  # noqa: F401
+from . import guards, hooks, optim_wrappers, prior_hook  # noqa: F401

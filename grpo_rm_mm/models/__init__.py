@@ -2,6 +2,7 @@
 from . import (
     backbones,  # noqa: F401  (EfficientNetLite)
     losses,  # noqa: F401
+    prior_losses,  # noqa: F401  (LogitAdjustedCrossEntropyLoss)
     rewards,  # noqa: F401
 )
 from .heads import cls_head, decode_head  # noqa: F401

@@ -27,6 +27,15 @@ from ..core.advantages import check_advantage_options
 from ..core.dispatch import backend_names
 from ..core.fused import grpo_rm_loss_fused
 from ..core.objective import check_objective_options
+from ..core.prior import (
+    adjust_logits,
+    check_class_weighting,
+    check_query_weighting,
+    check_tau,
+    class_balanced_weights,
+    inverse_odds_weights,
+    log_prior_from_counts,
+)
 from .rewards import build_reward
 
 __all__ = ['GRPORMLoss']
@@ -78,6 +87,22 @@ class GRPORMLoss(nn.Module):
             implementation). Same values, gradients, diagnostics and errors.
         chunk_size: queries per chunk of the torch_chunked backend (None: sized for the
             device).
+        query_weighting: per-query weights from pi_old, stop-gradient, multiplied into mmseg's
+            per-pixel ``weight`` (:mod:`grpo_rm_mm.core.prior`): 'none' (default) or
+            'inverse_odds', ``u_q = sqrt((1 - p_old_y) / p_old_y)``, which cancels the
+            ``sqrt(p_y / (1 - p_y))`` factor between the ``pi_old`` objective's gradient and
+            cross-entropy's (docs/method.md section 4.1).
+        query_weight_norm: 'mean' (the weights divided by their mean over the batch's valid
+            queries) or 'none' (raw: with the accuracy reward alone the first update is then
+            exactly cross-entropy's).
+        query_weight_cap: largest raw inverse-odds weight (100).
+        logit_adjust_tau: logit adjustment (Menon et al. 2021): in training the objective
+            (policy, ratio, rewards, weights, KL) sees ``z + tau log prior`` for the logits,
+            ``old_logits`` and ``ref_logits``; predictions use the plain logits. 0 (default)
+            is off. The prior is the training set's class frequencies, set by
+            ``ClassPriorHook`` (or :meth:`set_class_counts`) before training.
+        class_weighting: 'none' (default) or 'balanced': each query also weighted by
+            ``1 / (C prior_y)`` (the same prior), as ``LogitAdjustedCrossEntropyLoss`` does.
 
     ``avg_factor`` is accepted and ignored: the loss is already a mean over valid queries.
     After each call, ``last_diagnostics`` holds detached scalars (see ``grpo_rm_loss``) and
@@ -93,8 +118,22 @@ class GRPORMLoss(nn.Module):
                  surrogate: str = 'clip', clip_eps_low: float | None = None,
                  clip_eps_high: float | None = None, dual_clip_c: float = 3.0,
                  group_size: int = 8, seed: int = 0, backend: str = 'auto',
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, query_weighting: str = 'none',
+                 query_weight_norm: str = 'mean', query_weight_cap: float = 100.0,
+                 logit_adjust_tau: float = 0.0, class_weighting: str = 'none') -> None:
         super().__init__()
+        try:
+            check_query_weighting(query_weighting, query_weight_norm, query_weight_cap)
+            check_class_weighting(class_weighting)
+            self.logit_adjust_tau = check_tau(logit_adjust_tau)
+        except ValueError as err:
+            raise ValueError(f'GRPORMLoss: {err}') from None
+        self.query_weighting = query_weighting
+        self.query_weight_norm = query_weight_norm
+        self.query_weight_cap = float(query_weight_cap)
+        self.class_weighting = class_weighting
+        # (C,) log class frequencies of the training set; set by ClassPriorHook, not saved
+        self.register_buffer('class_log_prior', None, persistent=False)
         for name, value, low in (('clip_eps', clip_eps, 'gt'), ('beta', beta, 'ge'),
                                  ('loss_weight', loss_weight, 'ge')):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -161,6 +200,60 @@ class GRPORMLoss(nn.Module):
         self._warned_kwargs: set[str] = set()
 
     @property
+    def uses_class_prior(self) -> bool:
+        """Whether the loss needs :meth:`set_class_counts` (``logit_adjust_tau > 0`` or
+        class-balanced weights)."""
+        return self.logit_adjust_tau > 0 or self.class_weighting != 'none'
+
+    def set_class_counts(self, counts) -> None:
+        """Set the class prior of the logit adjustment and the class-balanced weights from the
+        (C,) training-set class counts (``ClassPriorHook`` calls this before training)."""
+        try:
+            prior = log_prior_from_counts(counts)
+        except ValueError as err:
+            raise ValueError(f'GRPORMLoss: {err}') from None
+        self.class_log_prior = prior
+
+    def _check_prior(self) -> None:
+        if self.class_log_prior is None:
+            option = f'logit_adjust_tau={self.logit_adjust_tau}' if self.logit_adjust_tau > 0 \
+                else f'class_weighting={self.class_weighting!r}'
+            raise ValueError(f"GRPORMLoss: {option} needs the training set's class prior: add "
+                             f"custom_hooks=[dict(type='ClassPriorHook')] to the config, or "
+                             f'call set_class_counts(counts) on the loss before training')
+
+    def _adjusted(self, logits: Tensor, old: Tensor | None,
+                  ref: Tensor | None) -> list[Tensor | None]:
+        """The logits, pi_old and pi_ref logits shifted by ``tau log prior`` (class dim 1)."""
+        self._check_prior()
+        return [None if x is None else
+                adjust_logits(x, self.class_log_prior, self.logit_adjust_tau, class_dim=1)
+                for x in (logits, old, ref)]
+
+    def _query_weights(self, logits: Tensor, old: Tensor | None, labels: Tensor,
+                       weight: Tensor | None, ignore_index: int | None) -> Tensor:
+        """mmseg's per-query ``weight`` times the inverse-odds weights of pi_old and / or the
+        class-balanced weights."""
+        c = logits.shape[1]
+        valid = (labels >= 0) & (labels < c)
+        if ignore_index is not None:
+            valid &= labels != ignore_index
+        u = None
+        if self.query_weighting != 'none':
+            u = inverse_odds_weights(logits.detach() if old is None else old, labels, valid,
+                                     cap=self.query_weight_cap, norm=self.query_weight_norm)
+        if self.class_weighting != 'none':
+            self._check_prior()
+            if self.class_log_prior.numel() != c:
+                raise ValueError(f'GRPORMLoss: the class prior has '
+                                 f'{self.class_log_prior.numel()} classes but the logits '
+                                 f'{tuple(logits.shape)} have {c}')
+            cb = class_balanced_weights(labels, self.class_log_prior, valid).to(
+                torch.float64 if logits.dtype == torch.float64 else torch.float32)
+            u = cb if u is None else u * cb
+        return u if weight is None else weight * u.to(weight.dtype)
+
+    @property
     def loss_name(self) -> str:
         """Name of the loss in the loss dict (mmseg reads it)."""
         return self._loss_name
@@ -170,7 +263,10 @@ class GRPORMLoss(nn.Module):
                 f'surrogate={self.surrogate!r}, clip_eps={self.clip_eps}, beta={self.beta}, '
                 f'adv_std={self.adv_std!r}, adv_eps={self.adv_eps}, '
                 f'adv_scale={self.adv_scale!r}, loss_weight={self.loss_weight}, '
-                f'ignore_index={self.ignore_index}, backend={self.backend!r}')
+                f'ignore_index={self.ignore_index}, backend={self.backend!r}, '
+                f'query_weighting={self.query_weighting!r}, '
+                f'logit_adjust_tau={self.logit_adjust_tau}, '
+                f'class_weighting={self.class_weighting!r}')
 
     # ------------------------------------------------------------------ sampled groups
     def _forget_host_draws(self, *args) -> None:
@@ -260,6 +356,10 @@ class GRPORMLoss(nn.Module):
             ignore_index = self.ignore_index
         logits, labels, w, old, ref = self._as_queries(pred, target, weight, old_logits,
                                                        ref_logits)
+        if self.logit_adjust_tau > 0:
+            logits, old, ref = self._adjusted(logits, old, ref)
+        if self.query_weighting != 'none' or self.class_weighting != 'none':
+            w = self._query_weights(logits, old, labels, w, ignore_index)
         options = dict(
             old_logits=old, ref_logits=ref, clip_eps=self.clip_eps, beta=self.beta,
             ignore_index=ignore_index, weight=w, adv_std=self.adv_std, adv_eps=self.adv_eps,

@@ -13,6 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Without a GPU the Triton backend's kernels run on CPU tensors in Triton's interpreter
+# (tests/core/test_backends.py, test_triton_backend.py); the backend defines its kernels on
+# first use, in the mode this variable then selects.
+if not any(Path('/dev').glob('nvidia[0-9]*')):
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tools/ is imported as a namespace package (its converters)
 FIXTURE_CONFIGS = REPO / 'tests' / 'fixtures' / 'configs'

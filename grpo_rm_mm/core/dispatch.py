@@ -28,6 +28,9 @@ Subclass contract (:class:`Backend`):
   number of counted queries, whether a data check failed (``delegate``: the caller then calls
   the reference, which raises the error) and the diagnostics. The options are validated
   before; a backend checks nothing but the data.
+* ``auto_devices``: the device types on which 'auto' may choose the backend (None: any);
+  the Triton backend runs CPU tensors under its interpreter for tests, but 'auto' takes it on
+  CUDA only.
 * ``closed_form = False`` (the reference only): ``solve`` returns a loss differentiable by
   autograd and ``grad`` None.
 
@@ -46,6 +49,7 @@ class Backend:
 
     name: str = ''
     closed_form: bool = True
+    auto_devices: tuple[str, ...] | None = None
 
     def supports(self, problem: Problem) -> str | None:
         raise NotImplementedError
@@ -93,6 +97,9 @@ def select(problem: Problem, backend: str = 'auto') -> Backend:
                              f"backend='auto'")
         return chosen
     for candidate in BACKENDS.values():
+        devices = candidate.auto_devices
+        if devices is not None and problem.device.type not in devices:
+            continue
         if candidate.supports(problem) is None:
             return candidate
     raise ValueError('no registered backend runs this call')  # the reference runs every call

@@ -287,7 +287,7 @@ def _objective_kernel_fn(
     row = part_ptr + pid * NCOL
     tl.store(row + 0, tl.sum(tl.where(counted, loss_q * u, 0.0), axis=0))
     tl.store(row + 4, tl.sum(tl.where(counted, kl, 0.0), axis=0))
-    tl.store(row + 8, tl.sum((counted & (chk != 0.0)).to(tl.float32), axis=0))
+    tl.store(row + 8, tl.sum((qm & (chk != 0.0)).to(tl.float32), axis=0))
     tl.store(row + 9, tl.sum(bad_label.to(tl.float32), axis=0))
     if DIAG:
         if PI_OLD:
@@ -425,8 +425,8 @@ def launch(problem: Problem, rewards: tuple[float, float, float], *,
 
 
 # ----------------------------------------------------------------------------- self-check
-#: device index -> None (the self-check passed) or the reason it failed
-_SELF_CHECKS: dict[int, str | None] = {}
+#: device ('cuda:N') -> None (the self-check passed) or the reason it failed
+_SELF_CHECKS: dict[str, str | None] = {}
 
 
 def _check_problem(logits: Tensor, labels: Tensor, old: Tensor, rewards: object) -> Problem:
@@ -468,7 +468,7 @@ def _self_check(device: torch.device) -> str | None:
             ref_grad = ref_grad.reshape(shape[0], *shape[2:], c).movedim(-1, 1)
             n = int(n_valid)
             got = float(sums[0]) / max(n, 1)
-            want = float(loss)
+            want = float(loss.detach())
             if n != labels.numel() or not math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-6):
                 return f'loss {got!r} != {want!r} (n_valid {n}) for logits of shape {shape}'
             err = float((grad.float() - ref_grad).abs().max())
@@ -481,17 +481,19 @@ def _self_check(device: torch.device) -> str | None:
 
 
 def _device_check(device: torch.device) -> str | None:
-    """The cached self-check of a CUDA device (run on its first call; a failure warns once)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SELF_CHECKS:
-        mismatch = _self_check(torch.device('cuda', index))
+    """The cached self-check of ``device`` (run on its first call; a failure warns once)."""
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    key = str(device)
+    if key not in _SELF_CHECKS:
+        mismatch = _self_check(device)
         reason = None if mismatch is None else (
-            f'the Triton self-check failed on cuda:{index}: {mismatch}')
-        _SELF_CHECKS[index] = reason
+            f'the Triton self-check failed on {key}: {mismatch}')
+        _SELF_CHECKS[key] = reason
         if reason is not None:
             warnings.warn(f'{reason}; the fused GRPO-RM objective uses its other backends on '
                           f'that device', RuntimeWarning, stacklevel=3)
-    return _SELF_CHECKS[index]
+    return _SELF_CHECKS[key]
 
 
 # ----------------------------------------------------------------------------- backend
@@ -499,6 +501,7 @@ class TritonBackend(Backend):
     """The Triton kernels (module doc): CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``)."""
 
     name = 'triton'
+    auto_devices = ('cuda', )
 
     def supports(self, problem: Problem) -> str | None:
         if not AVAILABLE:

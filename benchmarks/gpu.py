@@ -172,6 +172,8 @@ def counted_triton_launches(counter: OpCounter) -> Iterator[None]:
         def __getattr__(self, name: str):
             return getattr(self.kernel, name)
 
+    if not kernels:
+        raise LookupError('no module-level Triton kernel to count in triton_cuda')
     for name, kernel in kernels.items():
         setattr(triton_cuda, name, Counted(kernel))
     try:
@@ -228,13 +230,20 @@ def cpu_counts() -> None:
     TRITON = 'triton' in BACKENDS
 
     from grpo_rm_mm.core.backends import torch_chunked as tc
+    if TRITON:
+        try:
+            with counted_triton_launches(OpCounter()):
+                pass
+        except LookupError:
+            TRITON = False  # kernels defined on first use: not wrapped by this script yet
 
     c.print_header('kernel launches and bytes moved per logit element, counted on the CPU '
                    '(device-independent)')
     print('# bytes: every non-view operator reads its tensor arguments and writes its outputs; '
           'a Triton launch reads or writes each tensor argument once. Forward + backward.')
     if not TRITON:
-        print('# no triton backend is registered: its rows are missing')
+        print('# the triton backend\'s kernels are not counted (none registered, or defined '
+              'on first use where this script cannot wrap them): its rows are missing')
     numel_voc = math.prod(VOC_SHAPE)
     measure = (2, 21, 112, 112)
     rows = []

@@ -469,6 +469,15 @@ def train(s: Setting, x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor,
     return model, run
 
 
+def two_std_gap(cell, ref, key: str) -> tuple[float, float, int]:
+    """``(gap, sd, side)`` of ``cell`` against ``ref`` at ``key``: the difference of their
+    seed means, the larger of their stds, and 1 / -1 / 0 for above / below by more than 2 sd /
+    within."""
+    gap = cell.mean(key) - ref.mean(key)
+    sd = max(c.mean_std(cell.values[key])[1], c.mean_std(ref.values[key])[1])
+    return gap, sd, 1 if gap > 2 * sd else (-1 if gap < -2 * sd else 0)
+
+
 def long_tail_rows(chosen: Setting, baseline: Setting) -> list[Setting]:
     """CE and logit-adjusted CE; the selected setting; the default (pi_old, clip, k=1) plain,
     with the inverse-odds weights (mean-normalised and raw), logit-adjusted, and both (also
@@ -555,11 +564,8 @@ def long_tail(args: argparse.Namespace, data: Data, chosen: Setting,
         for s in long_tail_rows(chosen, baseline):
             if s.method == 'ce':
                 continue
-            ch = cells[s.name]
-            gap = ch.mean(few) - r.mean(few)
-            sd = max(c.mean_std(ch.values[few])[1], c.mean_std(r.values[few])[1])
-            verdict = 'above by > 2 std' if gap > 2 * sd else (
-                'below by > 2 std' if gap < -2 * sd else 'within 2 std')
+            gap, sd, side = two_std_gap(cells[s.name], r, few)
+            verdict = {1: 'above by > 2 std', -1: 'below by > 2 std', 0: 'within 2 std'}[side]
             print(f'few-shot {s.describe()} vs {ref.describe()}: {gap:+.2f} ({verdict}; larger '
                   f'std {sd:.2f})')
 
@@ -685,10 +691,9 @@ def main() -> None:
                   f'{ch.fmt("val-ood")})')
             for key, label in (('test', 'test head top-1'), ('test-ood', 'test-OOD average'),
                                ('knn test-ood', 'kNN test-OOD'), ('sr test-ood', 'SR test-OOD')):
-                gap = ch.mean(key) - ce.mean(key)
-                sd = max(c.mean_std(ch.values[key])[1], c.mean_std(ce.values[key])[1])
-                verdict = 'beats CE by > 2 std' if gap > 2 * sd else (
-                    'below CE by > 2 std' if gap < -2 * sd else 'within 2 std of CE')
+                gap, sd, side = two_std_gap(ch, ce, key)
+                verdict = {1: 'beats CE by > 2 std', -1: 'below CE by > 2 std',
+                           0: 'within 2 std of CE'}[side]
                 print(f'  {label}: GRPO-RM {ch.fmt(key)} vs CE {ce.fmt(key)}: {gap:+.2f} '
                       f'({verdict}; larger std {sd:.2f})')
             print('\nper corruption, test head top-1 (selected vs CE): ' + '; '.join(

@@ -144,12 +144,10 @@ def tensor_bytes(tree: object) -> int:
 
 @contextlib.contextmanager
 def counted_triton_launches(counter: OpCounter) -> Iterator[None]:
-    """The Triton backend's kernels counted as launches of their tensor arguments' bytes (the
-    interpreter's own host copies not counted)."""
+    """The Triton backend's kernels (as its ``_kernels()`` hands them to the launcher) counted
+    as launches of their tensor arguments' bytes (the interpreter's own host copies not
+    counted)."""
     from grpo_rm_mm.core.backends import triton_cuda
-
-    kernels = {name: k for name, k in vars(triton_cuda).items()
-               if hasattr(k, '__getitem__') and hasattr(k, 'fn') and hasattr(k, 'arg_names')}
 
     class Counted:
         def __init__(self, kernel) -> None:
@@ -169,18 +167,12 @@ def counted_triton_launches(counter: OpCounter) -> Iterator[None]:
 
             return run
 
-        def __getattr__(self, name: str):
-            return getattr(self.kernel, name)
-
-    if not kernels:
-        raise LookupError('no module-level Triton kernel to count in triton_cuda')
-    for name, kernel in kernels.items():
-        setattr(triton_cuda, name, Counted(kernel))
+    kernels = triton_cuda._kernels
+    triton_cuda._kernels = lambda: tuple(Counted(k) for k in kernels())
     try:
         yield
     finally:
-        for name, kernel in kernels.items():
-            setattr(triton_cuda, name, kernel)
+        triton_cuda._kernels = kernels
 
 
 def count(path: str, inner: bool, shape: tuple[int, ...], chunk_size: int | None = None
@@ -230,20 +222,13 @@ def cpu_counts() -> None:
     TRITON = 'triton' in BACKENDS
 
     from grpo_rm_mm.core.backends import torch_chunked as tc
-    if TRITON:
-        try:
-            with counted_triton_launches(OpCounter()):
-                pass
-        except LookupError:
-            TRITON = False  # kernels defined on first use: not wrapped by this script yet
 
     c.print_header('kernel launches and bytes moved per logit element, counted on the CPU '
                    '(device-independent)')
     print('# bytes: every non-view operator reads its tensor arguments and writes its outputs; '
           'a Triton launch reads or writes each tensor argument once. Forward + backward.')
     if not TRITON:
-        print('# the triton backend\'s kernels are not counted (none registered, or defined '
-              'on first use where this script cannot wrap them): its rows are missing')
+        print('# no triton backend is registered: its rows are missing')
     numel_voc = math.prod(VOC_SHAPE)
     measure = (2, 21, 112, 112)
     rows = []

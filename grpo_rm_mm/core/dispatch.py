@@ -28,6 +28,10 @@ Subclass contract (:class:`Backend`):
   number of counted queries, whether a data check failed (``delegate``: the caller then calls
   the reference, which raises the error) and the diagnostics. The options are validated
   before; a backend checks nothing but the data.
+* ``backward(grad, grad_loss, grad_scale) -> Tensor``: the gradient with respect to the
+  logits of ``grad_loss * loss``, from the saved ``grad`` and the solution's ``grad_scale``
+  (the default scales ``grad`` in place with torch operators; a backend may override it with
+  its own kernel). It runs once per graph: ``grad`` is not needed afterwards.
 * ``auto_devices``: the device types on which 'auto' may choose the backend (None: any);
   the Triton backend runs CPU tensors under its interpreter for tests, but 'auto' takes it on
   CUDA only.
@@ -38,6 +42,9 @@ Adding a backend is one module that defines a :class:`Backend` subclass and call
 :func:`register_backend` on an instance, plus its import in :mod:`.backends`.
 """
 from __future__ import annotations
+
+from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from .problem import Problem, Solution
 
@@ -56,6 +63,20 @@ class Backend:
 
     def solve(self, problem: Problem) -> Solution:
         raise NotImplementedError
+
+    def backward(self, grad: Tensor, grad_loss: Tensor, grad_scale: float) -> Tensor:
+        """``grad * grad_scale * grad_loss``, in ``grad`` (in place: a second backward through
+        the same graph fails autograd's version check on it instead of reusing a scaled
+        tensor). A CPU gradient of a loss backpropagated as is (``grad_loss`` 1, read without
+        a device sync) is returned unscaled, its version advanced all the same."""
+        if grad_scale == 1.0 and grad.device.type == 'cpu' and (
+                grad_loss.device.type == 'cpu' and float(grad_loss) == 1.0):
+            increment_version(grad)
+            return grad
+        # not cast to a half-precision gradient's dtype: an AMP loss scale of 2^16 is inf in
+        # float16; the product is formed in float32 all the same
+        factor = grad_loss if grad_scale == 1.0 else grad_loss * grad_scale
+        return grad.mul_(factor)
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(name={self.name!r})'

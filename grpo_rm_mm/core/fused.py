@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.autograd.graph import increment_version
 
 from . import backends
 from .dispatch import Backend, backend_names, select
@@ -184,20 +183,13 @@ class _FusedObjective(torch.autograd.Function):
         else:
             solution = backend.solve(problem)
         out['solution'] = solution
+        ctx.backend = backend
+        ctx.grad_scale = solution.grad_scale
         ctx.save_for_backward(solution.grad)
         return solution.loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        # scaled in place: the saved gradient is not needed afterwards, and a second backward
-        # through the same graph (retain_graph=True) fails autograd's version check on it
-        # instead of reusing a scaled tensor. A CPU gradient of a loss backpropagated as is
-        # (grad_loss 1, read without a device sync) is returned unscaled, its version
-        # advanced all the same.
         grad, = ctx.saved_tensors
-        if grad.device.type == 'cpu' and grad_loss.device.type == 'cpu' and float(
-                grad_loss) == 1.0:
-            increment_version(grad)
-            return grad, None, None, None
-        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None
+        return ctx.backend.backward(grad, grad_loss, ctx.grad_scale), None, None, None

@@ -36,7 +36,7 @@ from torch import Tensor
 from .objective import DIAGNOSTIC_KEYS, RewardSpec
 
 __all__ = ['NUM_STATS', 'STAT_ROWS', 'DelegateToReference', 'Problem', 'Solution',
-           'diagnostic_scales', 'diagnostics_from_sums']
+           'diagnostic_scales', 'diagnostics_from_sums', 'diagnostics_from_values']
 
 #: the rows of the sums every backend accumulates (module doc)
 STAT_ROWS = ('loss', 'reward', 'adv_abs', 'clipped', 'kl', 'kl_old', 'entropy', 'correct')
@@ -99,15 +99,21 @@ class Problem:
 
 @dataclass
 class Solution:
-    """A backend's answer: ``loss`` (0-dim, compute dtype), ``grad`` (d loss / d logits, the
-    logits' shape and dtype), ``n_valid`` (counted queries), ``delegate`` (a data check failed:
-    the reference must be called to raise its error) and ``diagnostics``."""
+    """A backend's answer: ``loss`` (0-dim, compute dtype), ``grad`` (the logits' shape and
+    dtype: d loss / d logits is ``grad * grad_scale``), ``n_valid`` (counted queries),
+    ``delegate`` (a data check failed: the reference must be called to raise its error) and
+    ``diagnostics``.
+
+    ``grad_scale`` lets a backend write the gradient before it knows the number of counted
+    queries (``1 / n_valid``, applied by its :meth:`.dispatch.Backend.backward` together with
+    the incoming gradient, in float32: no float16 gradient divided by a million underflows)."""
 
     loss: Tensor
     grad: Tensor
     n_valid: int
     delegate: bool
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
+    grad_scale: float = 1.0
 
 
 def diagnostic_scales(num_classes: int) -> tuple[float, ...]:
@@ -120,7 +126,7 @@ def diagnostics_from_sums(means: Tensor | Sequence[float], n_valid: int, num_cla
     """The diagnostics of a call from the *means* (sums over counted queries divided by their
     number) of the :data:`STAT_ROWS` (a tensor of 8 or 8 host floats); with ``wanted`` False
     only ``grpo_queries``. Tensors of ``means`` stay on their device (no host read)."""
-    out: dict[str, Tensor] = {}
+    values: Sequence[Tensor] = ()
     if wanted:
         scales = diagnostic_scales(num_classes)
         if torch.is_tensor(means):
@@ -129,6 +135,14 @@ def diagnostics_from_sums(means: Tensor | Sequence[float], n_valid: int, num_cla
         else:
             values = torch.tensor([means[i + 1] * f for i, f in enumerate(scales)],
                                   dtype=dtype).unbind()
-        out = dict(zip(DIAGNOSTIC_KEYS, values))
+    return diagnostics_from_values(values, n_valid, wanted)
+
+
+def diagnostics_from_values(values: Tensor | Sequence[Tensor], n_valid: int,
+                            wanted: bool) -> dict[str, Tensor]:
+    """The diagnostics dict from the 7 values of :data:`.objective.DIAGNOSTIC_KEYS` (scaled
+    already; a (7,) tensor gives views of it, no operator) and the number of counted queries;
+    with ``wanted`` False only ``grpo_queries``."""
+    out: dict[str, Tensor] = dict(zip(DIAGNOSTIC_KEYS, values)) if wanted else {}
     out['grpo_queries'] = torch.tensor(float(n_valid))
     return out

@@ -279,3 +279,25 @@ def test_torch_chunks_are_sized_for_the_device() -> None:
     # small inputs: one chunk on either device
     assert len(list(tc._chunks(8, 112 * 112, tc.default_chunk_size(8 * c * 112 * 112, c,
                                                                   'cuda')))) == 1
+
+
+@pytest.mark.parametrize('backend', CLOSED_FORM)
+@pytest.mark.parametrize('shape', [(4096, 21), (65536, 2)])
+def test_half_precision_gradient_under_an_amp_loss_scale(backend: str, shape) -> None:
+    """float16 logits backpropagated with an AMP loss scale of 2^16 (inf in float16): the
+    gradient is the float64 reference's times the scale, finite, to float16 precision, also
+    where the unscaled gradient (about 1 / 65536 per element) is below float16's normal
+    range."""
+    case = Case(shape, torch.float16, options=dict(group_weighting='pi_old'))
+    x = make(case)
+    skip_unless_runs(backend, case, x)
+    _, ref_grad, _ = run_reference(case, x)
+    z = x['logits'].clone().requires_grad_(True)
+    loss, _ = grpo_rm_loss_fused(z, x['labels'], REWARDS[case.rewards],
+                                 old_logits=x['old_logits'], ignore_index=255, backend=backend,
+                                 **case.options)
+    loss.backward(torch.tensor(2.0 ** 16, dtype=loss.dtype))
+    assert torch.isfinite(z.grad).all()
+    want = ref_grad * 2.0 ** 16
+    err = float((z.grad.double() - want).abs().max())
+    assert err <= 1e-3 * float(want.abs().max()), err

@@ -117,6 +117,13 @@ def solve(logits, labels, rewards, block_q: int | None = BIG_BLOCK, **kwargs):
     return BACKEND.solve(problem, block_q=block_q)
 
 
+def final_grad(sol, grad_loss: float = 1.0) -> torch.Tensor:
+    """d (grad_loss * loss) / d logits, as the backward forms it (the backend's scaling
+    kernel on a copy of the solution's gradient)."""
+    return BACKEND.backward(sol.grad.clone(), torch.tensor(grad_loss, device=DEVICE),
+                            sol.grad_scale)
+
+
 def ref_options(kwargs: dict) -> dict:
     """The reference's keyword arguments of a case's (make_problem's)."""
     return {k: v for k, v in kwargs.items() if k not in ('validated', 'diagnostics')}
@@ -135,7 +142,7 @@ def assert_matches(sol, logits, labels, rewards, *, rtol=1e-5, atol=1e-6, grad_t
     assert sol.grad.stride() == logits.stride()
     scale = float(grad.abs().max())
     tol = grad_tol if grad_tol is not None else 1e-5
-    err = float((sol.grad.double() - grad.double()).abs().max())
+    err = float((final_grad(sol).double() - grad.double()).abs().max())
     assert err <= tol * scale + 1e-9, (err, scale)
     if kwargs.get('diagnostics', True):
         for key in DIAGNOSTIC_KEYS:
@@ -392,8 +399,8 @@ def test_failed_self_check_warns_once_and_declines(monkeypatch):
     real = triton_cuda.launch
 
     def broken(*args, **kwargs):
-        grad, sums, n_valid = real(*args, **kwargs)
-        return grad * 2, sums, n_valid
+        out = real(*args, **kwargs)
+        return out._replace(grad=out.grad * 2)
 
     monkeypatch.setattr(triton_cuda, 'launch', broken)
     with pytest.warns(RuntimeWarning, match='self-check failed on'):
@@ -412,3 +419,24 @@ def test_failed_self_check_warns_once_and_declines(monkeypatch):
     monkeypatch.setattr(triton_cuda, 'launch', raising)
     with pytest.warns(RuntimeWarning, match='no kernel image'):
         assert 'RuntimeError' in triton_cuda._device_check(DEVICE)
+
+
+def test_backward_scales_once_and_refuses_a_second_pass():
+    """Through the shared autograd Function: the backward's scaling kernel forms
+    ``grad_loss / n_valid`` times the stored gradient, and advances its version, so that a
+    second backward through the graph is refused instead of scaling it again."""
+    from grpo_rm_mm.core.fused import grpo_rm_loss_fused
+
+    x = inputs((2, 21, 4, 3), old=True)
+    labels = x['labels'].clone()
+    labels[0, 0] = 255
+    z = x['logits'].clone().requires_grad_(True)
+    loss, _ = grpo_rm_loss_fused(z, labels, REWARDS['acc+uni'], old_logits=x['old'],
+                                 ignore_index=255, group_weighting='pi_old', backend='triton')
+    (2.5 * loss).backward(retain_graph=True)
+    _, grad, _ = reference(x['logits'], labels, REWARDS['acc+uni'], old=x['old'],
+                           ignore_index=255, group_weighting='pi_old')
+    torch.testing.assert_close(z.grad.double(), 2.5 * grad, rtol=1e-5,
+                               atol=1e-6 * float(grad.abs().max()))
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        loss.backward()

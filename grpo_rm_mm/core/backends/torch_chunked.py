@@ -22,7 +22,10 @@ kept as the test oracle) computes, for every registered group weighting ('unifor
   which is exactly the gradient autograd gives the reference (the KL part equals
   ``beta p_k (log p_k - log ref_k - KL)`` since ``sum_i p_i = 1``). The chunk's gradient is
   written into one (N, C) tensor in the logits' dtype; that tensor is all the autograd node
-  keeps, and its backward scales it in place by ``grad_output``. Peak memory is that tensor,
+  keeps, and its backward scales it in place by ``grad_output``. A float16 gradient is written
+  without the ``1 / n_valid`` (the backward applies it with ``grad_output``,
+  ``Solution.grad_scale``): divided by a million counted pixels it would be below float16's
+  normal range before an AMP loss scale multiplies it. Peak memory is that tensor,
   the chunk's scratch buffers (reused from chunk to chunk, see
   :class:`_Workspace`) and, for 'sampled', the (N, C) uint8 draw counts.
 * **Checks in the same pass, one host synchronisation.** Labels are checked per chunk
@@ -380,7 +383,8 @@ class _Accumulator:
 def _chunk(prob: _Call, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_n: Tensor,
            block: tuple[int, int, int, int], counts: Tensor | None) -> None:
     """Loss terms, diagnostics and the logits' gradient of one block of queries; ``grad`` is
-    the (B, C, S) gradient being filled, ``inv_n`` the 0-dim ``1 / max(n_valid, 1)``.
+    the (B, C, S) gradient being filled, ``inv_n`` the 0-dim ``1 / max(n_valid, 1)`` it is
+    divided by (None: left to the backward).
 
     Per-query tensors are (n, L) (or (n, 1, L)), per-output ones (n, C, L), held in the
     workspace. Masks on per-output tensors are built by arithmetic (0/1 factors), not by
@@ -401,7 +405,7 @@ def _chunk(prob: _Call, acc: _Accumulator, ws: _Workspace, grad: Tensor, inv_n: 
     else:
         u = prob.weight[b0:b1, s0:s1].to(cdt)
         u_loss = torch.where(mask, u, torch.zeros_like(u))
-    kappa = (u_loss * -inv_n).unsqueeze(1)              # (n, 1, L): -u_q / n_valid
+    kappa = (-u_loss if inv_n is None else u_loss * -inv_n).unsqueeze(1)  # -u_q / n_valid
 
     logp, p, top = _softmax_pair(prob.z[b0:b1, :, s0:s1], ws, 'z')
     shape = logp.shape
@@ -534,10 +538,11 @@ def _solve(prob: _Call) -> Solution:
             counts = _sampled_counts(prob, n_host, prob.generator)
 
     grad = torch.empty((b, c, s), dtype=prob.z.dtype, device=device)
+    unscaled = prob.z.dtype == torch.float16
     ws = _Workspace(prob.cdt, device)
     while True:
         for block in _chunks(b, s, prob.chunk):
-            _chunk(prob, acc, ws, grad, inv_n, block, counts)
+            _chunk(prob, acc, ws, grad, None if unscaled else inv_n, block, counts)
         # the call's host sync (the second with 'sampled'): n_valid and the checks. A
         # non-finite logit (current, pi_old or pi_ref), query weight or reward of a counted
         # query makes a sum of the statistics non-finite (NaN / inf propagate through the
@@ -555,7 +560,8 @@ def _solve(prob: _Call) -> Solution:
     return Solution(loss=means[0], grad=grad.view(prob.shape), n_valid=n_host,
                     delegate=bool(bad_host),
                     diagnostics=diagnostics_from_sums(means, n_host, c, prob.diagnostics,
-                                                      prob.cdt))
+                                                      prob.cdt),
+                    grad_scale=1.0 / max(n_host, 1) if unscaled else 1.0)
 
 
 BACKEND = TorchChunkedBackend()

@@ -18,24 +18,26 @@ and writes the closed-form gradient once, in the logits' dtype and memory layout
   channels-last logits). A program covers a block of the pixels of one image; where every
   tensor's image stride is S times its pixel stride ((N, C) logits, channels-last logits), the
   queries are merged into one axis of B S, so blocks span images.
-* **Counting first.** A small kernel over the labels (and valid mask) counts the counted
-  queries into one device integer; the main kernel reads it to scale the gradient by
-  ``1 / n_valid``, so the gradient is final when written (no rescaling pass).
+* **Normalised in the backward.** The main kernel writes the gradient of the loss *times the
+  number of counted queries* (not known until every tile is counted); the backward's one
+  scaling kernel multiplies by ``grad_loss / n_valid`` in float32 (``Solution.grad_scale``),
+  where the shared backward's in-place product would be anyway. A half-precision gradient
+  is thus never stored divided by a million counted pixels (float16 underflow) before an AMP
+  loss scale multiplies it. Stored, |g_k| is at most about ``2 u_q max|A| max_i w_i ratio_i``:
+  with 'pi_old' weighting ``w_i ratio_i = p_i <= 1``; with 'uniform' weighting and float16
+  logits a ratio above about ``65504 C / (2 u max|A|)`` (a log ratio of 10 and more) would
+  overflow to inf.
 * **Sums without atomics.** Each program writes its tile's sums of the eight
-  :data:`..problem.STAT_ROWS` and two check counts (a non-finite input of a counted query, a
-  counted label outside [0, C)) to a row of a (programs, 10) buffer, which torch reduces
-  (deterministic). The call's only host read is ``n_valid`` and the checks' flag, at the end.
+  :data:`..problem.STAT_ROWS`, two check counts (a non-finite input of a counted query, a
+  counted label outside [0, C)) and its counted queries to a row of a (programs, 11) buffer.
+  One finishing program reduces the rows in a fixed order (float64 accumulation:
+  deterministic) and writes the loss, the seven diagnostics (on the device) and two float64
+  numbers for the host: ``n_valid`` and the checks' flag, the call's only host read.
 
-Per logit element, float32 with pi_old logits, the call reads 8 bytes and writes 4 (plus 4
-read per pi_ref logit and some 2 x 8 / C for the labels); the shared backward scales the
-gradient in place (8 more).
-
-:meth:`TritonBackend.supports` accepts CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``,
-Triton's interpreter: the tests' path) with float32 / bfloat16 / float16 logits, C <=
-:data:`MAX_CLASSES`, the 'uniform' and 'pi_old' weightings, both surrogates and rewards that
-carry a ``fused_term`` of :data:`..rewards.FUSED_REWARDS`; everything else takes the torch path.
-On each CUDA device the first call runs a self-check against the reference
-(:func:`_self_check`); if it fails, the backend declines that device with the mismatch named.
+Launches per call: the main kernel, the finishing kernel, the backward's scaling kernel
+(and the host read's copy of 16 bytes), at any size. Per logit element, float32 with pi_old
+logits, the call reads 8 bytes and writes 4 (plus 4 read per pi_ref logit and some 2 x 8 / C
+for the labels); the backward reads and writes the gradient once more (8).
 
 What the interpreter cannot show: int32 overflow of offsets (every offset here is int64,
 formed from int64 program and lane indices, so tensors beyond 2^31 elements are addressed
@@ -48,21 +50,16 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from ..dispatch import Backend
 from ..objective import LOG_RATIO_CLAMP
-from ..problem import NUM_STATS, Problem, Solution, diagnostics_from_sums
-
-try:
-    from ..rewards import fused_reward_terms
-except ImportError:  # older layout: the helper lived with the CPU kernel's bindings
-    try:
-        from ..rewards import kernel_reward_terms as fused_reward_terms
-    except ImportError:
-        from ..native import kernel_reward_terms as fused_reward_terms
+from ..problem import NUM_STATS, Problem, Solution, diagnostic_scales, diagnostics_from_values
+from ..rewards import fused_reward_terms
 
 try:
     import triton
@@ -71,17 +68,22 @@ except ImportError:  # no triton: the backend is unavailable
     triton = None
     tl = None
 
-__all__ = ['AVAILABLE', 'MAX_CLASSES', 'TILE_ELEMENTS', 'TritonBackend', 'launch']
+__all__ = ['AVAILABLE', 'MAX_CLASSES', 'TILE_ELEMENTS', 'Launched', 'TritonBackend', 'launch',
+           'scale_gradient']
 
 AVAILABLE = triton is not None
 #: the largest C a tile holds (one query per program at that size)
 MAX_CLASSES = 4096
 #: outputs (classes x queries) per tile of the main kernel
 TILE_ELEMENTS = 4096
-#: queries per program of the counting kernel
-COUNT_BLOCK = 1024
-#: the columns of a program's row of sums: the STAT_ROWS, non-finite count, bad-label count
-NUM_COLUMNS = NUM_STATS + 2
+#: the columns of a program's row of sums: the STAT_ROWS, non-finite count, bad-label count,
+#: counted queries
+NUM_COLUMNS = NUM_STATS + 3
+#: rows of partial sums the finishing kernel reduces per step; columns it loads (>= NUM_COLUMNS)
+FINISH_ROWS = 1024
+_FINISH_COLUMNS = 16
+#: gradient elements per program of the backward's scaling kernel
+SCALE_BLOCK = 4096
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 WEIGHTINGS = ('uniform', 'pi_old')
 SURROGATES = ('clip', 'dual_clip')
@@ -95,28 +97,8 @@ def _interpret() -> bool:
 
 
 # ----------------------------------------------------------------------------- kernels
-def _count_kernel_fn(y_ptr, valid_ptr, n_ptr, C, S, n_sblk, y_sb, y_ss, v_sb, v_ss,
-                     ignore_index, HAS_VALID: tl.constexpr, HAS_IGNORE: tl.constexpr,
-                     CHECK_LABELS: tl.constexpr, BLOCK: tl.constexpr):
-    """Adds the number of counted queries of a block of ``BLOCK`` queries to ``n_ptr[0]``
-    (int64): valid, not ignored and, with CHECK_LABELS, a class in [0, C)."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_sblk
-    s = (pid % n_sblk) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    qm = s < S
-    y = tl.load(y_ptr + b * y_sb + s * y_ss, mask=qm, other=0).to(tl.int64)
-    counted = qm
-    if HAS_VALID:
-        counted = counted & (tl.load(valid_ptr + b * v_sb + s * v_ss, mask=qm, other=0) != 0)
-    if HAS_IGNORE:
-        counted = counted & (y != ignore_index)
-    if CHECK_LABELS:
-        counted = counted & (y >= 0) & (y < C)
-    tl.atomic_add(n_ptr, tl.sum(counted.to(tl.int64), axis=0))
-
-
 def _objective_kernel_fn(
-        z_ptr, old_ptr, ref_ptr, y_ptr, valid_ptr, w_ptr, grad_ptr, n_ptr, part_ptr,
+        z_ptr, old_ptr, ref_ptr, y_ptr, valid_ptr, w_ptr, grad_ptr, part_ptr,
         C, S, n_sblk,
         z_sb, z_sc, z_ss, o_sb, o_sc, o_ss, r_sb, r_sc, r_ss, g_sb, g_sc, g_ss,
         y_sb, y_ss, v_sb, v_ss, w_sb, w_ss,
@@ -128,10 +110,11 @@ def _objective_kernel_fn(
         DIAG: tl.constexpr, LR_CLAMP: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr,
         NCOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
     """One tile: the classes x ``BLOCK_Q`` queries (pixels ``s`` of image ``b``) of program
-    ``pid``. Writes the tile's gradient (already divided by ``n_ptr[0]``, the counted
-    queries) and row ``pid`` of ``part_ptr``: the sums over its counted queries of the
-    STAT_ROWS, its counted queries with a non-finite input and its counted labels outside
-    [0, C). Tensors are (B, C, S) / (B, S) through their strides; absent ones are not read."""
+    ``pid``. Writes the tile's gradient times the number of counted queries (the backward
+    divides by it) and row ``pid`` of ``part_ptr``: the sums over its counted queries of the
+    STAT_ROWS, its counted queries with a non-finite input, its counted labels outside [0, C)
+    and its counted queries. Tensors are (B, C, S) / (B, S) through their strides; absent ones
+    are not read."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_sblk
     s = (pid % n_sblk) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
@@ -162,8 +145,7 @@ def _objective_kernel_fn(
     else:
         u = tl.full((BLOCK_Q, ), 1.0, tl.float32)
     u = tl.where(counted, u, 0.0)
-    n_valid = tl.load(n_ptr).to(tl.float32)
-    kappa = (-u / tl.maximum(n_valid, 1.0))[None, :]       # d loss / d (per-query objective)
+    kappa = -u[None, :]                    # n_valid d loss / d (the query's objective)
 
     # log-softmax of the logits (and of pi_old's, pi_ref's); chk: x * 0 is NaN for a NaN or
     # infinite x
@@ -289,6 +271,7 @@ def _objective_kernel_fn(
     tl.store(row + 4, tl.sum(tl.where(counted, kl, 0.0), axis=0))
     tl.store(row + 8, tl.sum((qm & (chk != 0.0)).to(tl.float32), axis=0))
     tl.store(row + 9, tl.sum(bad_label.to(tl.float32), axis=0))
+    tl.store(row + 10, tl.sum(counted.to(tl.float32), axis=0))
     if DIAG:
         if PI_OLD:
             reward_q = expected
@@ -322,15 +305,60 @@ def _objective_kernel_fn(
         tl.store(row + 7, 0.0)
 
 
-#: (count kernel, main kernel) by interpreter mode: Triton decides at decoration time whether
+def _finish_kernel_fn(part_ptr, loss_ptr, diag_ptr, host_ptr, rows, sc1, sc2, sc3, sc4, sc5,
+                      sc6, sc7, NCOL: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """One program: the (rows, NCOL) partial sums of the main kernel reduced in a fixed order
+    (float32 blocks of ``BLOCK_R`` rows, accumulated in float64: deterministic). Writes the
+    loss (the loss row's mean) to ``loss_ptr``, the 7 diagnostics (rows 1..7's means times
+    ``sc1..sc7``) to ``diag_ptr`` and, for the host, ``host_ptr[0]`` the counted queries and
+    ``host_ptr[1]`` 1.0 if a check failed (a counted query's non-finite input or label outside
+    [0, C), or a non-finite sum), else 0.0."""
+    r = tl.arange(0, BLOCK_R).to(tl.int64)
+    k = tl.arange(0, BLOCK_K)
+    km = k < NCOL
+    acc = tl.zeros((BLOCK_K, ), tl.float64)
+    for start in range(0, rows, BLOCK_R):
+        rr = start + r
+        tile = tl.load(part_ptr + rr[:, None] * NCOL + k[None, :],
+                       mask=(rr < rows)[:, None] & km[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0).to(tl.float64)
+    n = tl.sum(tl.where(k == NCOL - 1, acc, 0.0), axis=0)
+    inv = 1.0 / tl.maximum(n, 1.0)
+    means = acc * inv
+    scale = tl.where(k == 1, sc1, tl.where(k == 2, sc2, tl.where(k == 3, sc3, tl.where(
+        k == 4, sc4, tl.where(k == 5, sc5, tl.where(k == 6, sc6, sc7))))))
+    tl.store(loss_ptr, tl.sum(tl.where(k == 0, means, 0.0), axis=0).to(tl.float32))
+    tl.store(diag_ptr + (k - 1), (means * scale).to(tl.float32), mask=(k >= 1) & (k < NCOL - 3))
+    stats = k < NCOL - 3
+    finite = (acc == acc) & (tl.abs(acc) < float('inf'))
+    non_finite = tl.sum((stats & ~finite).to(tl.int32), axis=0)
+    failed = tl.sum(tl.where((k >= NCOL - 3) & (k < NCOL - 1), acc, 0.0), axis=0)
+    tl.store(host_ptr, n)
+    tl.store(host_ptr + 1, ((non_finite > 0) | (failed > 0)).to(tl.float64))
+
+
+def _scale_kernel_fn(g_ptr, grad_loss_ptr, factor, numel, BLOCK: tl.constexpr):
+    """``g *= grad_loss[0] * factor`` over ``numel`` elements of a dense buffer, in float32
+    (an AMP loss scale of 2^16 is formed in float32 before the product is rounded to a
+    half-precision gradient)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+    scale = tl.load(grad_loss_ptr).to(tl.float32) * factor
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(g_ptr + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+#: (main, finish, scale kernel) by interpreter mode: Triton decides at decoration time whether
 #: a kernel is interpreted, so the kernels are decorated on first use, in the current mode
-_KERNELS: dict[bool, tuple[Callable, Callable]] = {}
+_KERNELS: dict[bool, tuple[Callable, Callable, Callable]] = {}
 
 
-def _kernels() -> tuple[Callable, Callable]:
+def _kernels() -> tuple[Callable, Callable, Callable]:
     mode = _interpret()
     if mode not in _KERNELS:
-        _KERNELS[mode] = (triton.jit(_count_kernel_fn), triton.jit(_objective_kernel_fn))
+        _KERNELS[mode] = (triton.jit(_objective_kernel_fn), triton.jit(_finish_kernel_fn),
+                          triton.jit(_scale_kernel_fn))
     return _KERNELS[mode]
 
 
@@ -372,13 +400,23 @@ def _block_q(c_block: int, queries: int, block_q: int | None) -> int:
     return max(1, min(triton.next_power_of_2(block_q), triton.next_power_of_2(queries)))
 
 
+class Launched(NamedTuple):
+    """What :func:`launch` leaves on the device: ``grad`` (the logits' shape and dtype, d loss /
+    d logits times ``n_valid``), ``loss`` (0-dim float32), ``diagnostics`` ((7,) float32, the
+    order of :data:`..objective.DIAGNOSTIC_KEYS`) and ``host`` ((2,) float64: the counted
+    queries, and 1.0 where a data check failed)."""
+
+    grad: Tensor
+    loss: Tensor
+    diagnostics: Tensor
+    host: Tensor
+
+
 def launch(problem: Problem, rewards: tuple[float, float, float], *,
-           block_q: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the kernels on ``problem``: ``(gradient of the logits' shape, (10,) float64 sums
-    over the counted queries (the STAT_ROWS, then the non-finite and bad-label counts),
-    0-dim int64 n_valid)``, all on the device, without a host read. ``rewards``: the
-    coefficients of accuracy, uniformity, confidence penalty."""
-    count_kernel, objective_kernel = _kernels()
+           block_q: int | None = None) -> Launched:
+    """Run the main and the finishing kernel on ``problem`` (two launches, no host read).
+    ``rewards``: the coefficients of accuracy, uniformity, confidence penalty."""
+    objective_kernel, finish_kernel, _ = _kernels()
     z = problem.z
     b, c, s = z.shape
     device = z.device
@@ -387,16 +425,7 @@ def launch(problem: Problem, rewards: tuple[float, float, float], *,
     bq, sq, (zs, os_, rs, gs), (ys, vs, ws) = _merge_queries(
         b, s, [z, problem.old, problem.ref, grad3], [problem.y, valid, problem.weight])
     has_ignore = problem.ignore_index is not None
-    ignore = int(problem.ignore_index) if has_ignore else 0
     check = not problem.validated
-
-    n_valid = torch.zeros(1, dtype=torch.int64, device=device)
-    count_block = max(1, min(COUNT_BLOCK, triton.next_power_of_2(sq)))
-    n_cblk = triton.cdiv(sq, count_block)
-    count_kernel[(bq * n_cblk, )](
-        problem.y, problem.y if valid is None else valid, n_valid, c, sq, n_cblk, *ys, *vs,
-        ignore, HAS_VALID=valid is not None, HAS_IGNORE=has_ignore, CHECK_LABELS=check,
-        BLOCK=count_block)
 
     block_c = triton.next_power_of_2(c)
     block = _block_q(block_c, sq, block_q)
@@ -404,24 +433,58 @@ def launch(problem: Problem, rewards: tuple[float, float, float], *,
     programs = bq * n_sblk
     part = torch.empty((programs, NUM_COLUMNS), dtype=torch.float32, device=device)
     r_acc, r_uni, r_conf = rewards
-    objective_kernel[(programs, )](
-        z, z if problem.old is None else problem.old, z if problem.ref is None else problem.ref,
-        problem.y, problem.y if valid is None else valid,
-        z if problem.weight is None else problem.weight, grad3, n_valid, part,
-        c, sq, n_sblk, *zs, *os_, *rs, *gs, *ys, *vs, *ws,
-        ignore, float(problem.eps_low), float(problem.eps_high), float(problem.dual_clip_c),
-        float(problem.beta), float(problem.adv_eps), float(r_acc), float(r_uni), float(r_conf),
-        HAS_OLD=problem.old is not None, HAS_REF=problem.ref is not None,
-        HAS_VALID=valid is not None, HAS_WEIGHT=problem.weight is not None,
-        HAS_IGNORE=has_ignore, PI_OLD=problem.weighting == 'pi_old',
-        DUAL=problem.surrogate == 'dual_clip',
-        KL_GRAD=problem.ref is not None and problem.beta > 0,
-        UNBIASED=problem.adv_std == 'unbiased', SCALE_NONE=problem.adv_scale == 'none',
-        DENSE_REWARD=r_uni != 0 or r_conf != 0, CHECK_LABELS=check,
-        DIAG=bool(problem.diagnostics), LR_CLAMP=float(LOG_RATIO_CLAMP), EPS=_FLOAT32_EPS,
-        TINY=_FLOAT32_TINY, NCOL=NUM_COLUMNS, BLOCK_C=block_c, BLOCK_Q=block,
-        num_warps=4 if block_c * block <= 2048 else 8)
-    return grad, part.sum(dim=0, dtype=torch.float64), n_valid[0]
+    if programs:
+        # an absent input's pointer is never read: a one-element stand-in
+        absent = z.new_empty(1)
+        objective_kernel[(programs, )](
+            z, absent if problem.old is None else problem.old,
+            absent if problem.ref is None else problem.ref, problem.y,
+            absent if valid is None else valid,
+            absent if problem.weight is None else problem.weight, grad3, part,
+            c, sq, n_sblk, *zs, *os_, *rs, *gs, *ys, *vs, *ws,
+            int(problem.ignore_index) if has_ignore else 0, float(problem.eps_low),
+            float(problem.eps_high), float(problem.dual_clip_c), float(problem.beta),
+            float(problem.adv_eps), float(r_acc), float(r_uni), float(r_conf),
+            HAS_OLD=problem.old is not None, HAS_REF=problem.ref is not None,
+            HAS_VALID=valid is not None, HAS_WEIGHT=problem.weight is not None,
+            HAS_IGNORE=has_ignore, PI_OLD=problem.weighting == 'pi_old',
+            DUAL=problem.surrogate == 'dual_clip',
+            KL_GRAD=problem.ref is not None and problem.beta > 0,
+            UNBIASED=problem.adv_std == 'unbiased', SCALE_NONE=problem.adv_scale == 'none',
+            DENSE_REWARD=r_uni != 0 or r_conf != 0, CHECK_LABELS=check,
+            DIAG=bool(problem.diagnostics), LR_CLAMP=float(LOG_RATIO_CLAMP), EPS=_FLOAT32_EPS,
+            TINY=_FLOAT32_TINY, NCOL=NUM_COLUMNS, BLOCK_C=block_c, BLOCK_Q=block,
+            num_warps=4 if block_c * block <= 2048 else 8)
+
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    diagnostics = torch.empty(NUM_STATS - 1, dtype=torch.float32, device=device)
+    host = torch.empty(2, dtype=torch.float64, device=device)
+    finish_kernel[(1, )](part, loss, diagnostics, host, programs,
+                         *diagnostic_scales(c), NCOL=NUM_COLUMNS,
+                         BLOCK_R=_finish_rows(programs), BLOCK_K=_FINISH_COLUMNS,
+                         num_warps=8)
+    return Launched(grad, loss, diagnostics, host)
+
+
+def _finish_rows(rows: int) -> int:
+    """Rows per step of the finishing kernel: :data:`FINISH_ROWS`; under the interpreter
+    (per-step cost) a few steps over any number of rows, at least two when there are two."""
+    if not _interpret():
+        return FINISH_ROWS
+    return max(1, triton.next_power_of_2(triton.cdiv(max(rows, 1), 2)))
+
+
+def scale_gradient(grad: Tensor, grad_loss: Tensor, factor: float) -> Tensor:
+    """``grad *= grad_loss * factor`` in place, one launch (``grad`` dense: as :func:`launch`
+    allocates it, any layout)."""
+    _, _, scale_kernel = _kernels()
+    numel = grad.numel()
+    if numel:
+        block = SCALE_BLOCK if not _interpret() else max(
+            SCALE_BLOCK, triton.next_power_of_2(triton.cdiv(numel, 4)))
+        scale_kernel[(triton.cdiv(numel, block), )](grad, grad_loss, float(factor), numel,
+                                                    BLOCK=block)
+    return grad
 
 
 # ----------------------------------------------------------------------------- self-check
@@ -458,19 +521,22 @@ def _self_check(device: torch.device) -> str | None:
             old = (logits.cpu() + 0.3 * torch.randn(shape, generator=gen)).to(device)
             label_shape = (shape[0], ) + shape[2:]
             labels = torch.randint(0, c, label_shape, generator=gen).to(device)
-            grad, sums, n_valid = launch(_check_problem(logits, labels, old, rewards),
-                                         fused_reward_terms(rewards))
+            out = launch(_check_problem(logits, labels, old, rewards),
+                         fused_reward_terms(rewards))
             flat = logits.movedim(1, -1).reshape(-1, c).requires_grad_(True)
             loss, _ = grpo_rm_loss(flat, labels.reshape(-1), rewards,
                                    old_logits=old.movedim(1, -1).reshape(-1, c),
                                    group_weighting='pi_old')
             ref_grad, = torch.autograd.grad(loss, flat)
             ref_grad = ref_grad.reshape(shape[0], *shape[2:], c).movedim(-1, 1)
-            n = int(n_valid)
-            got = float(sums[0]) / max(n, 1)
-            want = float(loss.detach())
-            if n != labels.numel() or not math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-6):
-                return f'loss {got!r} != {want!r} (n_valid {n}) for logits of shape {shape}'
+            n, failed = out.host.tolist()
+            got, want = float(out.loss), float(loss.detach())
+            if n != labels.numel() or failed or not math.isclose(got, want, rel_tol=1e-4,
+                                                                 abs_tol=1e-6):
+                return (f'loss {got!r} != {want!r} (n_valid {n}, check flag {failed}) for '
+                        f'logits of shape {shape}')
+            one = torch.ones((), device=device)
+            grad = scale_gradient(out.grad, one, 1.0 / n)
             err = float((grad.float() - ref_grad).abs().max())
             tol = 1e-6 + 1e-4 * float(ref_grad.abs().max())
             if not err <= tol:
@@ -553,17 +619,22 @@ class TritonBackend(Backend):
         if terms is None:
             raise ValueError('the triton backend cannot run this call: '
                              f'{self.supports(problem)}')
-        grad, sums, n_valid = launch(problem, terms, block_q=block_q)
-        # a counted query's non-finite input or a counted label outside [0, C) (counted in
-        # the last two columns), or a non-finite sum: the caller asks the reference
-        flag = (sums[NUM_STATS:].sum() > 0) | ~torch.isfinite(sums[:NUM_STATS]).all()
-        n_host, flag_host = torch.stack([n_valid.double(), flag.double()]).tolist()
+        out = launch(problem, terms, block_q=block_q)
+        # the call's one host read; a failed check (a counted query's non-finite input or
+        # label outside [0, C), a non-finite sum) hands the call to the reference
+        n_host, failed = out.host.tolist()
         n_host = int(n_host)
-        means = (sums[:NUM_STATS] / max(n_host, 1)).to(torch.float32)
-        return Solution(loss=means[0].clone(), grad=grad, n_valid=n_host,
-                        delegate=bool(flag_host),
-                        diagnostics=diagnostics_from_sums(means, n_host, problem.num_classes,
-                                                          problem.diagnostics, torch.float32))
+        return Solution(loss=out.loss, grad=out.grad, n_valid=n_host, delegate=bool(failed),
+                        diagnostics=diagnostics_from_values(out.diagnostics, n_host,
+                                                            problem.diagnostics),
+                        grad_scale=1.0 / max(n_host, 1))
+
+    def backward(self, grad: Tensor, grad_loss: Tensor, grad_scale: float) -> Tensor:
+        """One scaling kernel, in place (the version advanced, as an in-place operator
+        would: a second backward through the graph fails autograd's check)."""
+        scale_gradient(grad, grad_loss, grad_scale)
+        increment_version(grad)
+        return grad
 
 
 BACKEND = TritonBackend()

@@ -107,14 +107,15 @@ def reference(logits, labels, rewards, old=None, ref=None, valid=None, weight=No
     return loss.detach(), grad.reshape(logits.shape), diag
 
 
-def solve(logits, labels, rewards, block_q: int | None = BIG_BLOCK, **kwargs):
+def solve(logits, labels, rewards, block_q: int | None = BIG_BLOCK,
+          max_programs: int = triton_cuda.MAX_PROGRAMS, **kwargs):
     options = {k: v for k, v in kwargs.items() if k not in ('old', 'ref', 'valid', 'weight',
                                                              'ignore_index')}
     problem = make_problem(logits, labels, rewards, kwargs.get('old'), kwargs.get('ref'),
                            kwargs.get('valid'), kwargs.get('weight'),
                            kwargs.get('ignore_index'), **options)
     assert BACKEND.supports(problem) is None, BACKEND.supports(problem)
-    return BACKEND.solve(problem, block_q=block_q)
+    return BACKEND.solve(problem, block_q=block_q, max_programs=max_programs)
 
 
 def final_grad(sol, grad_loss: float = 1.0) -> torch.Tensor:
@@ -363,6 +364,22 @@ def test_default_tiles():
     logits, labels = x.pop('logits'), x.pop('labels')
     sol = solve(logits, labels, REWARDS['acc+uni'], block_q=None, **x)
     assert_matches(sol, logits, labels, REWARDS['acc+uni'], **x)
+
+
+def test_programs_loop_over_their_tiles():
+    """Fewer programs than tiles: each takes every programs-th tile (19 tiles of 16 queries
+    over 2 and 3 programs, dense and (N, C)); the same values as one program per tile."""
+    x = inputs((2, 21, 10, 15), old=True, ref=True)
+    logits, labels = x.pop('logits'), x.pop('labels')
+    options = dict(group_weighting='pi_old', beta=0.1, **x)
+    for programs in (2, 3):
+        sol = solve(logits, labels, REWARDS['weighted'], block_q=16, max_programs=programs,
+                    **options)
+        assert_matches(sol, logits, labels, REWARDS['weighted'], **options)
+    y = inputs((300, 7), old=True)
+    logits, labels = y.pop('logits'), y.pop('labels')
+    sol = solve(logits, labels, REWARDS['acc+uni'], block_q=16, max_programs=3, **y)
+    assert_matches(sol, logits, labels, REWARDS['acc+uni'], **y)
 
 
 # ----------------------------------------------------------------------------- supports

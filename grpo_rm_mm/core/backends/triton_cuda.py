@@ -27,12 +27,20 @@ and writes the closed-form gradient once, in the logits' dtype and memory layout
   with 'pi_old' weighting ``w_i ratio_i = p_i <= 1``; with 'uniform' weighting and float16
   logits a ratio above about ``65504 C / (2 u max|A|)`` (a log ratio of 10 and more) would
   overflow to inf.
-* **Sums without atomics.** Each program writes its tile's sums of the eight
-  :data:`..problem.STAT_ROWS`, two check counts (a non-finite input of a counted query, a
-  counted label outside [0, C)) and its counted queries to a row of a (programs, 11) buffer.
-  One finishing program reduces the rows in a fixed order (float64 accumulation:
-  deterministic) and writes the loss, the seven diagnostics (on the device) and two float64
-  numbers for the host: ``n_valid`` and the checks' flag, the call's only host read.
+* **Few programs, sums without atomics.** The main kernel runs at most
+  :data:`MAX_PROGRAMS` programs, each looping over every programs-th tile and adding its
+  tiles' sums of the eight :data:`..problem.STAT_ROWS`, two check counts (a non-finite input
+  of a counted query, a counted label outside [0, C)) and the counted queries in float64;
+  it writes them as its row of a (programs, 11) buffer. One finishing program reduces the
+  rows in a fixed order (deterministic) and writes the loss, the seven diagnostics (on the
+  device) and two float64 numbers for the host: ``n_valid`` and the checks' flag, the call's
+  only host read.
+* **Registers.** A thread keeps about ten live float32 values (and their pointers) per tile
+  element it owns, so its registers grow with its elements and, past a couple of hundred
+  registers, spill; fewer registers also let several programs share a multiprocessor, so
+  that one's loads overlap another's arithmetic. A program therefore has about
+  :data:`ELEMENTS_PER_THREAD` elements per thread (:data:`TILE_ELEMENTS` per tile, eight
+  warps).
 
 Launches per call: the main kernel, the finishing kernel, the backward's scaling kernel
 (and the host read's copy of 16 bytes), at any size. Per logit element, float32 with pi_old
@@ -74,16 +82,20 @@ __all__ = ['AVAILABLE', 'MAX_CLASSES', 'TILE_ELEMENTS', 'Launched', 'TritonBacke
 AVAILABLE = triton is not None
 #: the largest C a tile holds (one query per program at that size)
 MAX_CLASSES = 4096
-#: outputs (classes x queries) per tile of the main kernel
-TILE_ELEMENTS = 4096
+#: outputs (classes x queries) per tile of the main kernel, and per thread of its programs
+TILE_ELEMENTS = 1024
+ELEMENTS_PER_THREAD = 4
+#: programs of the main kernel at most (each loops over its share of the tiles), so that the
+#: finishing kernel reduces few rows
+MAX_PROGRAMS = 4096
 #: the columns of a program's row of sums: the STAT_ROWS, non-finite count, bad-label count,
 #: counted queries
 NUM_COLUMNS = NUM_STATS + 3
 #: rows of partial sums the finishing kernel reduces per step; columns it loads (>= NUM_COLUMNS)
-FINISH_ROWS = 1024
+FINISH_ROWS = 256
 _FINISH_COLUMNS = 16
 #: gradient elements per program of the backward's scaling kernel
-SCALE_BLOCK = 4096
+SCALE_BLOCK = 1024
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 WEIGHTINGS = ('uniform', 'pi_old')
 SURROGATES = ('clip', 'dual_clip')
@@ -99,7 +111,7 @@ def _interpret() -> bool:
 # ----------------------------------------------------------------------------- kernels
 def _objective_kernel_fn(
         z_ptr, old_ptr, ref_ptr, y_ptr, valid_ptr, w_ptr, grad_ptr, part_ptr,
-        C, S, n_sblk,
+        C, S, n_sblk, n_tiles,
         z_sb, z_sc, z_ss, o_sb, o_sc, o_ss, r_sb, r_sc, r_ss, g_sb, g_sc, g_ss,
         y_sb, y_ss, v_sb, v_ss, w_sb, w_ss,
         ignore_index, eps_low, eps_high, dual_c, beta, adv_eps, r_acc, r_uni, r_conf,
@@ -108,209 +120,207 @@ def _objective_kernel_fn(
         DUAL: tl.constexpr, KL_GRAD: tl.constexpr, UNBIASED: tl.constexpr,
         SCALE_NONE: tl.constexpr, DENSE_REWARD: tl.constexpr, CHECK_LABELS: tl.constexpr,
         DIAG: tl.constexpr, LR_CLAMP: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr,
-        NCOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """One tile: the classes x ``BLOCK_Q`` queries (pixels ``s`` of image ``b``) of program
-    ``pid``. Writes the tile's gradient times the number of counted queries (the backward
-    divides by it) and row ``pid`` of ``part_ptr``: the sums over its counted queries of the
-    STAT_ROWS, its counted queries with a non-finite input, its counted labels outside [0, C)
-    and its counted queries. Tensors are (B, C, S) / (B, S) through their strides; absent ones
-    are not read."""
+        NCOL: tl.constexpr, NSUM: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_Q: tl.constexpr):
+    """Program ``pid`` takes the tiles ``pid, pid + programs, ...`` of the ``n_tiles``: each the
+    classes x ``BLOCK_Q`` queries (pixels ``s`` of image ``b``). Writes each tile's gradient
+    times the number of counted queries (the backward divides by it) and row ``pid`` of
+    ``part_ptr`` (float64): the sums over its tiles' counted queries of the STAT_ROWS, of its
+    counted queries with a non-finite input, of its counted labels outside [0, C) and its
+    counted queries. Tensors are (B, C, S) / (B, S) through their strides; absent ones are not
+    read."""
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_sblk
-    s = (pid % n_sblk) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
-    qm = s < S
+    col = tl.arange(0, NSUM)
+    acc = tl.zeros((NSUM, ), tl.float64)
     cls = tl.arange(0, BLOCK_C)
     cm = cls < C
     cm2 = cm[:, None]
-    m2 = cm2 & qm[None, :]
     c64 = cls.to(tl.int64)[:, None]
-    s2 = s[None, :]
     ninf = float('-inf')
     pinf = float('inf')
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        b = tile // n_sblk
+        s = (tile % n_sblk) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+        qm = s < S
+        m2 = cm2 & qm[None, :]
+        s2 = s[None, :]
 
-    # the queries: counted (valid, not ignored, a class in [0, C)) and their weights u
-    y = tl.load(y_ptr + b * y_sb + s * y_ss, mask=qm, other=0).to(tl.int64)
-    counted = qm
-    if HAS_VALID:
-        counted = counted & (tl.load(valid_ptr + b * v_sb + s * v_ss, mask=qm, other=0) != 0)
-    if HAS_IGNORE:
-        counted = counted & (y != ignore_index)
-    bad_label = counted & ((y < 0) | (y >= C))
-    if CHECK_LABELS:
-        counted = counted & ~bad_label
-    else:
-        bad_label = qm & (y != y)                       # validated labels: no check
-    if HAS_WEIGHT:
-        u = tl.load(w_ptr + b * w_sb + s * w_ss, mask=qm, other=0.0).to(tl.float32)
-    else:
-        u = tl.full((BLOCK_Q, ), 1.0, tl.float32)
-    u = tl.where(counted, u, 0.0)
-    kappa = -u[None, :]                    # n_valid d loss / d (the query's objective)
-
-    # log-softmax of the logits (and of pi_old's, pi_ref's); chk: x * 0 is NaN for a NaN or
-    # infinite x
-    x = tl.load(z_ptr + b * z_sb + c64 * z_sc + s2 * z_ss, mask=m2, other=0.0).to(tl.float32)
-    chk = tl.sum(tl.where(cm2, x * 0.0, 0.0), axis=0) + u * 0.0
-    d = x - tl.max(tl.where(cm2, x, ninf), axis=0)[None, :]
-    e = tl.where(cm2, tl.exp(d), 0.0)
-    total = tl.sum(e, axis=0)[None, :]
-    logp = d - tl.log(total)
-    p = e / total
-    if HAS_OLD:
-        xo = tl.load(old_ptr + b * o_sb + c64 * o_sc + s2 * o_ss, mask=m2,
-                     other=0.0).to(tl.float32)
-        chk += tl.sum(tl.where(cm2, xo * 0.0, 0.0), axis=0)
-        do = xo - tl.max(tl.where(cm2, xo, ninf), axis=0)[None, :]
-        eo = tl.where(cm2, tl.exp(do), 0.0)
-        total_o = tl.sum(eo, axis=0)[None, :]
-        logp_o = do - tl.log(total_o)
-        p_o = eo / total_o
-    else:                                               # pi_old = the current policy
-        logp_o = logp
-        p_o = p
-
-    # rewards from pi_old: r_acc at the label; elsewhere r_uni (base - p_i / mass) - r_conf p_i
-    # (mass: pi_old's wrong-class mass, divided by rather than multiplied by its reciprocal,
-    # so that p_i / mass is 1 exactly where it should be, as at C = 2)
-    is_y = c64 == y[None, :]
-    r = tl.where(is_y, r_acc, 0.0)
-    if DENSE_REWARD:
-        mass = tl.sum(tl.where(is_y, 0.0, p_o), axis=0)[None, :]
-        base = tl.where(mass > 0, 1.0 / (C - 1).to(tl.float32), 0.0)
-        dense = r_uni * (base - p_o / tl.maximum(mass, TINY)) - r_conf * p_o
-        r = tl.where(is_y, r, dense)
-    r = tl.where(cm2, r, 0.0)
-    r_max = tl.max(tl.where(cm2, r, ninf), axis=0)[None, :]
-    r_min = tl.min(tl.where(cm2, r, pinf), axis=0)[None, :]
-
-    # advantages under the group weights (flat groups exactly 0); 'pi_old': the flat test is
-    # over the outputs with weight only (an underflowed pi_old probability has none)
-    if PI_OLD:
-        w_total = tl.sum(p_o, axis=0)[None, :]
-        empty = w_total <= 0
-        w_total = tl.where(empty, 1.0, w_total)
-        expected = tl.sum(p_o * r, axis=0)               # sum_i p_old_i r_i
-        mean = expected[None, :] / w_total
-        high = tl.max(tl.where(p_o > 0, r, ninf), axis=0)[None, :]
-        low = tl.min(tl.where(p_o > 0, r, pinf), axis=0)[None, :]
-        flat = (high <= low) | empty
-    else:
-        mean = tl.sum(r, axis=0)[None, :] * (1.0 / C.to(tl.float32))
-        flat = r_max <= r_min
-    centred = r - mean
-    if SCALE_NONE:
-        adv = tl.where(flat, 0.0, centred)
-    else:
-        # as the reference: the squares are taken of centred / max|centred| (in [-1, 1])
-        mag = tl.maximum(r_max - mean, mean - r_min)
-        mag = tl.where(mag > 0, mag, 1.0)
-        unit = tl.where(cm2, centred / mag, 0.0)
-        if PI_OLD:
-            var = tl.sum(p_o * unit * unit, axis=0)[None, :] / w_total
-            if UNBIASED:                                 # Kish's effective sample size
-                ess = 1.0 / tl.sum(p_o * p_o, axis=0)[None, :]
-                var = var * ess / tl.maximum(ess - 1.0, EPS)
+        # the queries: counted (valid, not ignored, a class in [0, C)) and their weights u
+        y = tl.load(y_ptr + b * y_sb + s * y_ss, mask=qm, other=0).to(tl.int64)
+        counted = qm
+        if HAS_VALID:
+            counted = counted & (tl.load(valid_ptr + b * v_sb + s * v_ss, mask=qm, other=0) != 0)
+        if HAS_IGNORE:
+            counted = counted & (y != ignore_index)
+        bad_label = counted & ((y < 0) | (y >= C))
+        if CHECK_LABELS:
+            counted = counted & ~bad_label
         else:
-            var = tl.sum(unit * unit, axis=0)[None, :] * (1.0 / C.to(tl.float32))
-            if UNBIASED:
-                var = var * (C.to(tl.float32) / (C - 1).to(tl.float32))
-        scale = tl.where(flat, 0.0, 1.0 / (tl.sqrt(var) + adv_eps / mag))
-        adv = unit * scale
-    adv = tl.where(cm2, adv, 0.0)
-
-    # the surrogate s_i and g_i = kappa w_i d s_i / d log p_i (the torch backend's closed form)
-    if PI_OLD:
-        wt = p_o
-    else:
-        wt = 1.0 / C.to(tl.float32)
-    if HAS_OLD:
-        log_ratio = logp - logp_o
-        clamped = tl.minimum(tl.maximum(log_ratio, -LR_CLAMP), LR_CLAMP)
-        ratio = tl.exp(clamped)
-        unclipped = ratio * adv
-        clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high) * adv
-        surr = tl.minimum(unclipped, clipped)
-        active = unclipped <= clipped
-        if DUAL:
-            floor = dual_c * adv
-            negative = adv < 0
-            active = active & ~(negative & (surr < floor))
-            surr = tl.where(negative, tl.maximum(surr, floor), surr)
-        # the log ratio passes the gradient only inside its clamp
-        g = tl.where(active & (clamped == log_ratio) & cm2, kappa * wt * unclipped, 0.0)
-    else:                                   # ratio 1: nothing is clipped, s = A
-        surr = adv
-        g = tl.where(cm2, kappa * wt * adv, 0.0)
-    per_query = tl.sum(tl.where(cm2, wt * surr, 0.0), axis=0)
-
-    kl = tl.zeros((BLOCK_Q, ), tl.float32)
-    if HAS_REF:
-        xr = tl.load(ref_ptr + b * r_sb + c64 * r_sc + s2 * r_ss, mask=m2,
-                     other=0.0).to(tl.float32)
-        chk += tl.sum(tl.where(cm2, xr * 0.0, 0.0), axis=0)
-        dr = xr - tl.max(tl.where(cm2, xr, ninf), axis=0)[None, :]
-        logp_r = dr - tl.log(tl.sum(tl.where(cm2, tl.exp(dr), 0.0), axis=0))[None, :]
-        p_diff = tl.where(cm2, p * (logp - logp_r), 0.0)
-        kl = tl.sum(p_diff, axis=0)
-        if KL_GRAD:
-            # d/d log p_i of sum_j p_j (log p_j - log ref_j) = p_i (log p_i - log ref_i) + p_i
-            g = g - (beta * kappa) * (p_diff + p)
-
-    # through the log-softmax: dz_k = g_k - p_k sum_i g_i; 0 for the uncounted queries
-    dz = g - p * tl.sum(g, axis=0)[None, :]
-    dz = tl.where(counted[None, :], dz, 0.0)
-    tl.store(grad_ptr + b * g_sb + c64 * g_sc + s2 * g_ss,
-             dz.to(grad_ptr.dtype.element_ty), mask=m2)
-
-    # this tile's sums over its counted queries
-    loss_q = -per_query
-    if KL_GRAD:
-        loss_q = loss_q + beta * kl
-    row = part_ptr + pid * NCOL
-    tl.store(row + 0, tl.sum(tl.where(counted, loss_q * u, 0.0), axis=0))
-    tl.store(row + 4, tl.sum(tl.where(counted, kl, 0.0), axis=0))
-    tl.store(row + 8, tl.sum((qm & (chk != 0.0)).to(tl.float32), axis=0))
-    tl.store(row + 9, tl.sum(bad_label.to(tl.float32), axis=0))
-    tl.store(row + 10, tl.sum(counted.to(tl.float32), axis=0))
-    if DIAG:
-        if PI_OLD:
-            reward_q = expected
+            bad_label = qm & (y != y)                       # validated labels: no check
+        if HAS_WEIGHT:
+            u = tl.load(w_ptr + b * w_sb + s * w_ss, mask=qm, other=0.0).to(tl.float32)
         else:
-            reward_q = tl.sum(p_o * r, axis=0)
-        adv_abs = tl.sum(tl.abs(adv), axis=0)
-        entropy = -tl.sum(tl.where(cm2, p * logp, 0.0), axis=0)
-        # the first maximum of log p (argmax's choice)
-        lp = tl.where(cm2, logp, ninf)
-        top = tl.max(lp, axis=0)[None, :]
-        first = tl.min(tl.where(lp == top, cls[:, None], BLOCK_C), axis=0)
-        correct = (first.to(tl.int64) == y).to(tl.float32)
+            u = tl.full((BLOCK_Q, ), 1.0, tl.float32)
+        u = tl.where(counted, u, 0.0)
+        kappa = -u[None, :]                    # n_valid d loss / d (the query's objective)
+
+        # log-softmax of the logits (and of pi_old's, pi_ref's); chk: x * 0 is NaN for a NaN or
+        # infinite x
+        x = tl.load(z_ptr + b * z_sb + c64 * z_sc + s2 * z_ss, mask=m2, other=0.0).to(tl.float32)
+        chk = tl.sum(tl.where(cm2, x * 0.0, 0.0), axis=0) + u * 0.0
+        d = x - tl.max(tl.where(cm2, x, ninf), axis=0)[None, :]
+        e = tl.where(cm2, tl.exp(d), 0.0)
+        total = tl.sum(e, axis=0)[None, :]
+        logp = d - tl.log(total)
+        p = e / total
         if HAS_OLD:
-            n_clipped = tl.sum((cm2 & ~active).to(tl.float32), axis=0)
-            kl_old = tl.sum(tl.where(cm2, p * (logp - logp_o), 0.0), axis=0)
+            xo = tl.load(old_ptr + b * o_sb + c64 * o_sc + s2 * o_ss, mask=m2,
+                         other=0.0).to(tl.float32)
+            chk += tl.sum(tl.where(cm2, xo * 0.0, 0.0), axis=0)
+            do = xo - tl.max(tl.where(cm2, xo, ninf), axis=0)[None, :]
+            eo = tl.where(cm2, tl.exp(do), 0.0)
+            total_o = tl.sum(eo, axis=0)[None, :]
+            logp_o = do - tl.log(total_o)
+            p_o = eo / total_o
+        else:                                               # pi_old = the current policy
+            logp_o = logp
+            p_o = p
+
+        # rewards from pi_old: r_acc at the label; elsewhere r_uni (base - p_i / mass) - r_conf p_i
+        # (mass: pi_old's wrong-class mass, divided by rather than multiplied by its reciprocal,
+        # so that p_i / mass is 1 exactly where it should be, as at C = 2)
+        is_y = c64 == y[None, :]
+        r = tl.where(is_y, r_acc, 0.0)
+        if DENSE_REWARD:
+            mass = tl.sum(tl.where(is_y, 0.0, p_o), axis=0)[None, :]
+            base = tl.where(mass > 0, 1.0 / (C - 1).to(tl.float32), 0.0)
+            dense = r_uni * (base - p_o / tl.maximum(mass, TINY)) - r_conf * p_o
+            r = tl.where(is_y, r, dense)
+        r = tl.where(cm2, r, 0.0)
+        r_max = tl.max(tl.where(cm2, r, ninf), axis=0)[None, :]
+        r_min = tl.min(tl.where(cm2, r, pinf), axis=0)[None, :]
+
+        # advantages under the group weights (flat groups exactly 0); 'pi_old': the flat test is
+        # over the outputs with weight only (an underflowed pi_old probability has none)
+        if PI_OLD:
+            w_total = tl.sum(p_o, axis=0)[None, :]
+            empty = w_total <= 0
+            w_total = tl.where(empty, 1.0, w_total)
+            expected = tl.sum(p_o * r, axis=0)               # sum_i p_old_i r_i
+            mean = expected[None, :] / w_total
+            high = tl.max(tl.where(p_o > 0, r, ninf), axis=0)[None, :]
+            low = tl.min(tl.where(p_o > 0, r, pinf), axis=0)[None, :]
+            flat = (high <= low) | empty
         else:
-            n_clipped = tl.zeros((BLOCK_Q, ), tl.float32)
-            kl_old = tl.zeros((BLOCK_Q, ), tl.float32)
-        tl.store(row + 1, tl.sum(tl.where(counted, reward_q, 0.0), axis=0))
-        tl.store(row + 2, tl.sum(tl.where(counted, adv_abs, 0.0), axis=0))
-        tl.store(row + 3, tl.sum(tl.where(counted, n_clipped, 0.0), axis=0))
-        tl.store(row + 5, tl.sum(tl.where(counted, kl_old, 0.0), axis=0))
-        tl.store(row + 6, tl.sum(tl.where(counted, entropy, 0.0), axis=0))
-        tl.store(row + 7, tl.sum(tl.where(counted, correct, 0.0), axis=0))
-    else:
-        tl.store(row + 1, 0.0)
-        tl.store(row + 2, 0.0)
-        tl.store(row + 3, 0.0)
-        tl.store(row + 5, 0.0)
-        tl.store(row + 6, 0.0)
-        tl.store(row + 7, 0.0)
+            mean = tl.sum(r, axis=0)[None, :] * (1.0 / C.to(tl.float32))
+            flat = r_max <= r_min
+        centred = r - mean
+        if SCALE_NONE:
+            adv = tl.where(flat, 0.0, centred)
+        else:
+            # as the reference: the squares are taken of centred / max|centred| (in [-1, 1])
+            mag = tl.maximum(r_max - mean, mean - r_min)
+            mag = tl.where(mag > 0, mag, 1.0)
+            unit = tl.where(cm2, centred / mag, 0.0)
+            if PI_OLD:
+                var = tl.sum(p_o * unit * unit, axis=0)[None, :] / w_total
+                if UNBIASED:                                 # Kish's effective sample size
+                    ess = 1.0 / tl.sum(p_o * p_o, axis=0)[None, :]
+                    var = var * ess / tl.maximum(ess - 1.0, EPS)
+            else:
+                var = tl.sum(unit * unit, axis=0)[None, :] * (1.0 / C.to(tl.float32))
+                if UNBIASED:
+                    var = var * (C.to(tl.float32) / (C - 1).to(tl.float32))
+            scale = tl.where(flat, 0.0, 1.0 / (tl.sqrt(var) + adv_eps / mag))
+            adv = unit * scale
+        adv = tl.where(cm2, adv, 0.0)
+
+        # the surrogate s_i and g_i = kappa w_i d s_i / d log p_i (the torch backend's closed form)
+        if PI_OLD:
+            wt = p_o
+        else:
+            wt = 1.0 / C.to(tl.float32)
+        if HAS_OLD:
+            log_ratio = logp - logp_o
+            clamped = tl.minimum(tl.maximum(log_ratio, -LR_CLAMP), LR_CLAMP)
+            ratio = tl.exp(clamped)
+            unclipped = ratio * adv
+            clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high) * adv
+            surr = tl.minimum(unclipped, clipped)
+            active = unclipped <= clipped
+            if DUAL:
+                floor = dual_c * adv
+                negative = adv < 0
+                active = active & ~(negative & (surr < floor))
+                surr = tl.where(negative, tl.maximum(surr, floor), surr)
+            # the log ratio passes the gradient only inside its clamp
+            g = tl.where(active & (clamped == log_ratio) & cm2, kappa * wt * unclipped, 0.0)
+        else:                                   # ratio 1: nothing is clipped, s = A
+            surr = adv
+            g = tl.where(cm2, kappa * wt * adv, 0.0)
+        per_query = tl.sum(tl.where(cm2, wt * surr, 0.0), axis=0)
+
+        kl = tl.zeros((BLOCK_Q, ), tl.float32)
+        if HAS_REF:
+            xr = tl.load(ref_ptr + b * r_sb + c64 * r_sc + s2 * r_ss, mask=m2,
+                         other=0.0).to(tl.float32)
+            chk += tl.sum(tl.where(cm2, xr * 0.0, 0.0), axis=0)
+            dr = xr - tl.max(tl.where(cm2, xr, ninf), axis=0)[None, :]
+            logp_r = dr - tl.log(tl.sum(tl.where(cm2, tl.exp(dr), 0.0), axis=0))[None, :]
+            p_diff = tl.where(cm2, p * (logp - logp_r), 0.0)
+            kl = tl.sum(p_diff, axis=0)
+            if KL_GRAD:
+                # d/d log p_i of sum_j p_j (log p_j - log ref_j) = p_i (log p_i - log ref_i) + p_i
+                g = g - (beta * kappa) * (p_diff + p)
+
+        # through the log-softmax: dz_k = g_k - p_k sum_i g_i; 0 for the uncounted queries
+        dz = g - p * tl.sum(g, axis=0)[None, :]
+        dz = tl.where(counted[None, :], dz, 0.0)
+        tl.store(grad_ptr + b * g_sb + c64 * g_sc + s2 * g_ss,
+                 dz.to(grad_ptr.dtype.element_ty), mask=m2)
+
+        # this tile's sums over its counted queries (column j: the module doc's row layout),
+        # added to the program's in float64
+        loss_q = -per_query
+        if KL_GRAD:
+            loss_q = loss_q + beta * kl
+        sums = tl.where(col == 0, tl.sum(tl.where(counted, loss_q * u, 0.0), axis=0), 0.0)
+        sums += tl.where(col == 4, tl.sum(tl.where(counted, kl, 0.0), axis=0), 0.0)
+        sums += tl.where(col == 8, tl.sum((qm & (chk != 0.0)).to(tl.float32), axis=0), 0.0)
+        sums += tl.where(col == 9, tl.sum(bad_label.to(tl.float32), axis=0), 0.0)
+        sums += tl.where(col == 10, tl.sum(counted.to(tl.float32), axis=0), 0.0)
+        if DIAG:
+            if PI_OLD:
+                reward_q = expected
+            else:
+                reward_q = tl.sum(p_o * r, axis=0)
+            adv_abs = tl.sum(tl.abs(adv), axis=0)
+            entropy = -tl.sum(tl.where(cm2, p * logp, 0.0), axis=0)
+            # the first maximum of log p (argmax's choice)
+            lp = tl.where(cm2, logp, ninf)
+            top = tl.max(lp, axis=0)[None, :]
+            first = tl.min(tl.where(lp == top, cls[:, None], BLOCK_C), axis=0)
+            correct = (first.to(tl.int64) == y).to(tl.float32)
+            sums += tl.where(col == 1, tl.sum(tl.where(counted, reward_q, 0.0), axis=0), 0.0)
+            sums += tl.where(col == 2, tl.sum(tl.where(counted, adv_abs, 0.0), axis=0), 0.0)
+            sums += tl.where(col == 6, tl.sum(tl.where(counted, entropy, 0.0), axis=0), 0.0)
+            sums += tl.where(col == 7, tl.sum(tl.where(counted, correct, 0.0), axis=0), 0.0)
+            if HAS_OLD:
+                n_clipped = tl.sum((cm2 & ~active).to(tl.float32), axis=0)
+                kl_old = tl.sum(tl.where(cm2, p * (logp - logp_o), 0.0), axis=0)
+                sums += tl.where(col == 3, tl.sum(tl.where(counted, n_clipped, 0.0), axis=0),
+                                 0.0)
+                sums += tl.where(col == 5, tl.sum(tl.where(counted, kl_old, 0.0), axis=0), 0.0)
+        acc += sums.to(tl.float64)
+    tl.store(part_ptr + pid * NCOL + col, acc, mask=col < NCOL)
 
 
 def _finish_kernel_fn(part_ptr, loss_ptr, diag_ptr, host_ptr, rows, sc1, sc2, sc3, sc4, sc5,
                       sc6, sc7, NCOL: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-    """One program: the (rows, NCOL) partial sums of the main kernel reduced in a fixed order
-    (float32 blocks of ``BLOCK_R`` rows, accumulated in float64: deterministic). Writes the
-    loss (the loss row's mean) to ``loss_ptr``, the 7 diagnostics (rows 1..7's means times
+    """One program: the (rows, NCOL) float64 partial sums of the main kernel reduced in a fixed
+    order (blocks of ``BLOCK_R`` rows: deterministic). Writes the loss (column 0's mean) to
+    ``loss_ptr``, the 7 diagnostics (columns 1..7's means times
     ``sc1..sc7``) to ``diag_ptr`` and, for the host, ``host_ptr[0]`` the counted queries and
     ``host_ptr[1]`` 1.0 if a check failed (a counted query's non-finite input or label outside
     [0, C), or a non-finite sum), else 0.0."""
@@ -322,7 +332,7 @@ def _finish_kernel_fn(part_ptr, loss_ptr, diag_ptr, host_ptr, rows, sc1, sc2, sc
         rr = start + r
         tile = tl.load(part_ptr + rr[:, None] * NCOL + k[None, :],
                        mask=(rr < rows)[:, None] & km[None, :], other=0.0)
-        acc += tl.sum(tile, axis=0).to(tl.float64)
+        acc += tl.sum(tile, axis=0)
     n = tl.sum(tl.where(k == NCOL - 1, acc, 0.0), axis=0)
     inv = 1.0 / tl.maximum(n, 1.0)
     means = acc * inv
@@ -413,9 +423,11 @@ class Launched(NamedTuple):
 
 
 def launch(problem: Problem, rewards: tuple[float, float, float], *,
-           block_q: int | None = None) -> Launched:
+           block_q: int | None = None, max_programs: int = MAX_PROGRAMS) -> Launched:
     """Run the main and the finishing kernel on ``problem`` (two launches, no host read).
-    ``rewards``: the coefficients of accuracy, uniformity, confidence penalty."""
+    ``rewards``: the coefficients of accuracy, uniformity, confidence penalty; ``block_q``:
+    queries per tile (default: sized by C); ``max_programs``: the main kernel's programs at
+    most (each takes every ``programs``-th tile)."""
     objective_kernel, finish_kernel, _ = _kernels()
     z = problem.z
     b, c, s = z.shape
@@ -430,8 +442,9 @@ def launch(problem: Problem, rewards: tuple[float, float, float], *,
     block_c = triton.next_power_of_2(c)
     block = _block_q(block_c, sq, block_q)
     n_sblk = triton.cdiv(sq, block)
-    programs = bq * n_sblk
-    part = torch.empty((programs, NUM_COLUMNS), dtype=torch.float32, device=device)
+    n_tiles = bq * n_sblk
+    programs = min(n_tiles, max_programs)
+    part = torch.empty((programs, NUM_COLUMNS), dtype=torch.float64, device=device)
     r_acc, r_uni, r_conf = rewards
     if programs:
         # an absent input's pointer is never read: a one-element stand-in
@@ -441,7 +454,7 @@ def launch(problem: Problem, rewards: tuple[float, float, float], *,
             absent if problem.ref is None else problem.ref, problem.y,
             absent if valid is None else valid,
             absent if problem.weight is None else problem.weight, grad3, part,
-            c, sq, n_sblk, *zs, *os_, *rs, *gs, *ys, *vs, *ws,
+            c, sq, n_sblk, n_tiles, *zs, *os_, *rs, *gs, *ys, *vs, *ws,
             int(problem.ignore_index) if has_ignore else 0, float(problem.eps_low),
             float(problem.eps_high), float(problem.dual_clip_c), float(problem.beta),
             float(problem.adv_eps), float(r_acc), float(r_uni), float(r_conf),
@@ -453,8 +466,8 @@ def launch(problem: Problem, rewards: tuple[float, float, float], *,
             UNBIASED=problem.adv_std == 'unbiased', SCALE_NONE=problem.adv_scale == 'none',
             DENSE_REWARD=r_uni != 0 or r_conf != 0, CHECK_LABELS=check,
             DIAG=bool(problem.diagnostics), LR_CLAMP=float(LOG_RATIO_CLAMP), EPS=_FLOAT32_EPS,
-            TINY=_FLOAT32_TINY, NCOL=NUM_COLUMNS, BLOCK_C=block_c, BLOCK_Q=block,
-            num_warps=4 if block_c * block <= 2048 else 8)
+            TINY=_FLOAT32_TINY, NCOL=NUM_COLUMNS, NSUM=_FINISH_COLUMNS, BLOCK_C=block_c,
+            BLOCK_Q=block, num_warps=_num_warps(block_c * block))
 
     loss = torch.empty((), dtype=torch.float32, device=device)
     diagnostics = torch.empty(NUM_STATS - 1, dtype=torch.float32, device=device)
@@ -464,6 +477,12 @@ def launch(problem: Problem, rewards: tuple[float, float, float], *,
                          BLOCK_R=_finish_rows(programs), BLOCK_K=_FINISH_COLUMNS,
                          num_warps=8)
     return Launched(grad, loss, diagnostics, host)
+
+
+def _num_warps(tile: int) -> int:
+    """Warps of a main-kernel program: about :data:`ELEMENTS_PER_THREAD` of its ``tile``
+    elements per thread (module doc: registers), 1 to 16 warps."""
+    return max(1, min(16, tile // (32 * ELEMENTS_PER_THREAD)))
 
 
 def _finish_rows(rows: int) -> int:
@@ -612,14 +631,15 @@ class TritonBackend(Backend):
             problem.prepared['triton'] = fused_reward_terms(problem.rewards)
         return problem.prepared['triton']
 
-    def solve(self, problem: Problem, *, block_q: int | None = None) -> Solution:
+    def solve(self, problem: Problem, *, block_q: int | None = None,
+              max_programs: int = MAX_PROGRAMS) -> Solution:
         """The call's solution: the kernels, then one host read (n_valid and the checks).
-        ``block_q``: queries per tile (a power of two; default: sized by C)."""
+        ``block_q``, ``max_programs``: as :func:`launch`."""
         terms = self._rewards(problem)
         if terms is None:
             raise ValueError('the triton backend cannot run this call: '
                              f'{self.supports(problem)}')
-        out = launch(problem, terms, block_q=block_q)
+        out = launch(problem, terms, block_q=block_q, max_programs=max_programs)
         # the call's one host read; a failed check (a counted query's non-finite input or
         # label outside [0, C), a non-finite sum) hands the call to the reference
         n_host, failed = out.host.tolist()

@@ -7,7 +7,7 @@ A backend computes one call of the objective (a :class:`.problem.Problem`) and a
 name           runs
 ============== ========================================================================
 triton         CUDA tensors (:mod:`.backends.triton_cuda`; CPU tensors only under
-               ``TRITON_INTERPRET=1``): one kernel launch, pixels on the contiguous axis
+               ``TRITON_INTERPRET=1``): three launches per call, one pass over the inputs
 cpu_native     CPU float32 / float64 tensors (:mod:`.backends.cpu_native`, the compiled
                kernel built with the package)
 torch_chunked  any device and dtype (:mod:`.backends.torch_chunked`): chunks of torch ops

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backends
-from .dispatch import Backend, backend_names, select
+from .dispatch import Backend, select
 from .objective import RewardSpec, _empty_batch_loss, check_call, check_valid_argument
 from .problem import DelegateToReference, Problem, Solution
 
@@ -74,8 +74,6 @@ def grpo_rm_loss_fused(logits: Tensor, labels: Tensor, rewards: RewardSpec,
         logits, labels, old_logits, ref_logits, valid, weight, rewards, clip_eps, beta,
         adv_std, adv_eps, adv_scale, group_weighting, surrogate, clip_eps_low, clip_eps_high,
         dual_clip_c, group_size)
-    if backend not in backend_names():
-        raise ValueError(f'backend={backend!r} is unknown; use one of {backend_names()}')
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
             chunk_size, int) or chunk_size < 1):
         raise ValueError(f'chunk_size={chunk_size!r} must be a positive int (queries per chunk)')
